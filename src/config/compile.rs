@@ -1,0 +1,662 @@
+//! Validation and compilation: [`RawConfig`] in, [`Config`] out, or the first
+//! problem with its location.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use globset::{GlobBuilder, GlobSetBuilder};
+use http::{HeaderName, Method, Uri};
+use ipnet::IpNet;
+use memchr::memmem;
+use serde_saphyr::{Location, Spanned};
+
+use super::error::{Located, suggest, with_suggestion};
+use super::raw::{RawBodyMatch, RawConfig, RawHeaderMatch, RawMatch, RawPolicy};
+use super::{Config, ConfigError, DEFAULT_MAX_BODY_KIB, StatusSet};
+use crate::explanation::{Audience, CauseKind, Effort, Expose};
+use crate::facts::MAX_CAPTURED_HEADERS;
+use crate::policy::{BodyCond, Conditions, HeaderCond, Policy, PolicySet, Step};
+use crate::template::Template;
+
+const MAX_PATTERN_BYTES: usize = 1024;
+const MAX_REGEX_COMPILED_BYTES: usize = 256 * 1024;
+const MAX_TEXT_CHARS: usize = 2048;
+
+/// Where errors are reported: the source's name and text.
+struct Ctx<'a> {
+    name: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, at: &Location, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid(Box::new(Located::new(
+            self.name,
+            self.text,
+            at.line(),
+            at.column(),
+            message.into(),
+        )))
+    }
+}
+
+pub(super) fn compile(text: &str, name: &str) -> Result<Config, ConfigError> {
+    let ctx = Ctx { name, text };
+    let raw: RawConfig = if text.trim().is_empty() {
+        RawConfig::default()
+    } else {
+        serde_saphyr::from_str(text).map_err(|e| yaml_error(&ctx, &e))?
+    };
+
+    let intercept_codes = match &raw.intercept {
+        None => vec![403],
+        Some(list) => {
+            if list.is_empty() {
+                return Err(ctx.err(
+                    &Location::UNKNOWN,
+                    "`intercept` is empty, so nothing would be explained; list at least one status such as 403",
+                ));
+            }
+            let mut codes = Vec::new();
+            for code in list {
+                if !(400..=599).contains(&code.value) {
+                    return Err(ctx.err(
+                        &code.referenced,
+                        format!(
+                            "cannot intercept status {}: only 4xx and 5xx responses are denials or failures",
+                            code.value
+                        ),
+                    ));
+                }
+                codes.push(code.value);
+            }
+            codes
+        }
+    };
+    let intercept = StatusSet::from_codes(&intercept_codes);
+
+    let max_body_kib = match &raw.max_body_kib {
+        None => DEFAULT_MAX_BODY_KIB,
+        Some(v) if (1..=1024).contains(&v.value) => v.value,
+        Some(v) => {
+            return Err(ctx.err(
+                &v.referenced,
+                format!(
+                    "`max_body_kib` is {}; it must be between 1 and 1024",
+                    v.value
+                ),
+            ));
+        }
+    };
+
+    let trusted_proxies = raw
+        .trusted_proxies
+        .iter()
+        .map(|n| network(&ctx, n))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut networks: HashMap<&str, Vec<IpNet>> = HashMap::new();
+    for (net_name, list) in &raw.networks {
+        if !is_id(net_name) {
+            return Err(ctx.err(
+                &list.referenced,
+                format!("network name `{net_name}` may only use letters, digits, `-`, `_` and `.`"),
+            ));
+        }
+        let nets = list
+            .value
+            .iter()
+            .map(|n| network(&ctx, n))
+            .collect::<Result<Vec<_>, _>>()?;
+        networks.insert(net_name.as_str(), nets);
+    }
+
+    let (identity_header, identity_claim) = match &raw.identity {
+        None => (None, None),
+        Some(id) => {
+            let header = id
+                .header
+                .as_ref()
+                .map(|h| header_name(&ctx, h))
+                .transpose()?;
+            let claim = match &id.jwt_claim {
+                Some(c) if c.value.is_empty() || c.value.len() > 64 => {
+                    return Err(ctx.err(&c.referenced, "`jwt_claim` must be 1 to 64 characters"));
+                }
+                Some(c) => Some(c.value.clone()),
+                None => None,
+            };
+            (header, claim)
+        }
+    };
+
+    let api_key_headers = match raw
+        .credentials
+        .as_ref()
+        .and_then(|c| c.api_key_headers.as_ref())
+    {
+        None => vec![HeaderName::from_static("x-api-key")],
+        Some(list) => list
+            .iter()
+            .map(|h| header_name(&ctx, h))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+
+    let expose = match &raw.expose {
+        None => Expose::Full,
+        Some(e) => word(&ctx, e, "expose", Expose::from_name, &Expose::names())?,
+    };
+
+    let mut builder = PolicyBuilder {
+        ctx: &ctx,
+        networks: &networks,
+        intercept,
+        captured: Vec::new(),
+        paths: GlobSetBuilder::new(),
+        path_owner: Vec::new(),
+        hosts: GlobSetBuilder::new(),
+        host_owner: Vec::new(),
+        seen: HashMap::new(),
+    };
+    let mut policies = Vec::with_capacity(raw.policies.len());
+    for (index, raw_policy) in raw.policies.iter().enumerate() {
+        policies.push(builder.policy(index, raw_policy, expose)?);
+    }
+    let paths = builder
+        .paths
+        .build()
+        .map_err(|e| ctx.err(&Location::UNKNOWN, format!("path globs: {e}")))?;
+    let hosts = builder
+        .hosts
+        .build()
+        .map_err(|e| ctx.err(&Location::UNKNOWN, format!("host globs: {e}")))?;
+
+    let listen = raw
+        .listen
+        .as_ref()
+        .map(|l| socket_addr(&ctx, l, "listen"))
+        .transpose()?;
+    let admin_listen = raw
+        .admin
+        .as_ref()
+        .and_then(|a| a.listen.as_ref())
+        .map(|l| socket_addr(&ctx, l, "admin.listen"))
+        .transpose()?;
+    let upstream = raw
+        .upstream
+        .as_ref()
+        .map(|u| upstream_url(&ctx, u))
+        .transpose()?;
+
+    Ok(Config {
+        intercept,
+        max_body_bytes: max_body_kib as usize * 1024,
+        trusted_proxies,
+        identity_header,
+        identity_claim,
+        api_key_headers,
+        captured_headers: builder.captured,
+        policies: PolicySet {
+            policies,
+            paths,
+            path_owner: builder.path_owner,
+            hosts,
+            host_owner: builder.host_owner,
+        },
+        expose,
+        listen,
+        upstream,
+        admin_listen,
+        revision: revision(text),
+    })
+}
+
+struct PolicyBuilder<'a> {
+    ctx: &'a Ctx<'a>,
+    networks: &'a HashMap<&'a str, Vec<IpNet>>,
+    intercept: StatusSet,
+    captured: Vec<HeaderName>,
+    paths: GlobSetBuilder,
+    path_owner: Vec<usize>,
+    hosts: GlobSetBuilder,
+    host_owner: Vec<usize>,
+    /// Policy id → line where it was first defined.
+    seen: HashMap<String, u64>,
+}
+
+impl PolicyBuilder<'_> {
+    fn policy(
+        &mut self,
+        index: usize,
+        raw: &RawPolicy,
+        default_expose: Expose,
+    ) -> Result<Policy, ConfigError> {
+        let ctx = self.ctx;
+        let id = &raw.id;
+        if !is_id(&id.value) || id.value.len() > 64 {
+            return Err(ctx.err(
+                &id.referenced,
+                format!(
+                    "policy id `{}` must be 1 to 64 letters, digits, `-`, `_` or `.`",
+                    crate::escape::clean(&id.value, 80)
+                ),
+            ));
+        }
+        if let Some(line) = self.seen.insert(id.value.clone(), id.referenced.line()) {
+            return Err(ctx.err(
+                &id.referenced,
+                format!(
+                    "duplicate policy id `{}`: it is already used by the policy at line {line}; ids must be unique",
+                    id.value
+                ),
+            ));
+        }
+        let Some(cause) = &raw.cause else {
+            return Err(ctx.err(
+                &id.referenced,
+                format!(
+                    "policy `{}` has no `cause`; give one of {}",
+                    id.value,
+                    CauseKind::names().join(", ")
+                ),
+            ));
+        };
+        let cause = word(
+            ctx,
+            cause,
+            "cause",
+            CauseKind::from_name,
+            &CauseKind::names(),
+        )?;
+        let remediation = raw
+            .remediation
+            .iter()
+            .map(|s| {
+                Ok(Step {
+                    text: template(ctx, &s.step)?,
+                    audience: match &s.audience {
+                        None => Audience::Caller,
+                        Some(a) => word(ctx, a, "for", Audience::from_name, &Audience::names())?,
+                    },
+                    effort: match &s.effort {
+                        None => Effort::Easy,
+                        Some(e) => word(ctx, e, "effort", Effort::from_name, &Effort::names())?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let docs = match &raw.docs {
+            None => None,
+            Some(d) => {
+                let ok = d.value.parse::<Uri>().ok().is_some_and(|u| {
+                    matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+                });
+                if !ok || d.value.len() > 2048 {
+                    return Err(ctx.err(
+                        &d.referenced,
+                        "`docs` must be an absolute http:// or https:// URL",
+                    ));
+                }
+                Some(d.value.clone())
+            }
+        };
+        Ok(Policy {
+            id: id.value.clone(),
+            title: raw.title.as_ref().map(|t| template(ctx, t)).transpose()?,
+            cause,
+            detail: raw.detail.as_ref().map(|t| template(ctx, t)).transpose()?,
+            remediation,
+            owner: raw.owner.as_deref().map(|s| crate::escape::clean(s, 256)),
+            contact: raw.contact.as_deref().map(|s| crate::escape::clean(s, 256)),
+            docs,
+            expose: match &raw.expose {
+                None => default_expose,
+                Some(e) => word(ctx, e, "expose", Expose::from_name, &Expose::names())?,
+            },
+            conditions: self.conditions(index, &raw.matcher)?,
+        })
+    }
+
+    fn conditions(&mut self, index: usize, m: &RawMatch) -> Result<Conditions, ConfigError> {
+        let ctx = self.ctx;
+        let mut c = Conditions::default();
+        if let Some(paths) = &m.path {
+            c.has_path = true;
+            for pattern in paths.value.as_slice() {
+                let glob = GlobBuilder::new(pattern)
+                    .literal_separator(true)
+                    .backslash_escape(true)
+                    .build()
+                    .map_err(|e| ctx.err(&paths.referenced, format!("bad path glob: {e}")))?;
+                if !pattern.starts_with('/') && !pattern.starts_with('*') {
+                    return Err(ctx.err(
+                        &paths.referenced,
+                        format!("path glob `{pattern}` must start with `/` (or `*`)"),
+                    ));
+                }
+                self.paths.add(glob);
+                self.path_owner.push(index);
+                // `/admin/**` should also cover `/admin` itself.
+                if let Some(base) = pattern.strip_suffix("/**").filter(|b| !b.is_empty())
+                    && let Ok(glob) = GlobBuilder::new(base)
+                        .literal_separator(true)
+                        .backslash_escape(true)
+                        .build()
+                {
+                    self.paths.add(glob);
+                    self.path_owner.push(index);
+                }
+            }
+        }
+        if let Some(hosts) = &m.host {
+            c.has_host = true;
+            for pattern in hosts.value.as_slice() {
+                let glob = GlobBuilder::new(&pattern.to_ascii_lowercase())
+                    .case_insensitive(true)
+                    .build()
+                    .map_err(|e| ctx.err(&hosts.referenced, format!("bad host glob: {e}")))?;
+                self.hosts.add(glob);
+                self.host_owner.push(index);
+            }
+        }
+        for method in &m.methods {
+            let upper = method.value.to_ascii_uppercase();
+            let parsed = Method::from_bytes(upper.as_bytes()).map_err(|_| {
+                ctx.err(
+                    &method.referenced,
+                    format!("`{}` is not an HTTP method", method.value),
+                )
+            })?;
+            c.methods.push(parsed);
+        }
+        for (name, cond) in &m.headers {
+            let header = header_name(ctx, &spanned_at(name, &cond.referenced))?;
+            let slot = match self.captured.iter().position(|h| *h == header) {
+                Some(slot) => slot,
+                None => {
+                    if self.captured.len() == MAX_CAPTURED_HEADERS {
+                        return Err(ctx.err(
+                            &cond.referenced,
+                            format!(
+                                "policies test more than {MAX_CAPTURED_HEADERS} distinct request headers; test fewer"
+                            ),
+                        ));
+                    }
+                    self.captured.push(header);
+                    self.captured.len() - 1
+                }
+            };
+            c.request_headers.push((slot, header_cond(ctx, cond)?));
+        }
+        for (name, cond) in &m.response_headers {
+            let header = header_name(ctx, &spanned_at(name, &cond.referenced))?;
+            c.response_headers.push((header, header_cond(ctx, cond)?));
+        }
+        c.client_in = self.networks_of(&m.client_in)?;
+        c.client_not_in = self.networks_of(&m.client_not_in)?;
+        for status in &m.status {
+            if !self.intercept.contains(status.value) {
+                return Err(ctx.err(
+                    &status.referenced,
+                    format!(
+                        "status {} is not intercepted, so this condition could never hold; add it to `intercept`",
+                        status.value
+                    ),
+                ));
+            }
+            c.status.push(status.value);
+        }
+        if let Some(body) = &m.body {
+            c.body = Some(body_cond(ctx, body)?);
+        }
+        Ok(c)
+    }
+
+    fn networks_of(&self, names: &[Spanned<String>]) -> Result<Vec<IpNet>, ConfigError> {
+        let mut out = Vec::new();
+        for item in names {
+            if let Some(nets) = self.networks.get(item.value.as_str()) {
+                out.extend(nets.iter().copied());
+            } else if item.value.contains(['.', ':']) {
+                out.push(network(self.ctx, item)?);
+            } else {
+                let known: Vec<&str> = self.networks.keys().copied().collect();
+                let mut msg = format!("unknown network `{}`", item.value);
+                if let Some(s) = suggest(&item.value, &known) {
+                    msg.push_str(&format!(" (did you mean `{s}`?)"));
+                }
+                msg.push_str("; name a list under `networks` or give a CIDR such as 192.0.2.0/24");
+                return Err(self.ctx.err(&item.referenced, msg));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn header_cond(ctx: &Ctx<'_>, cond: &Spanned<RawHeaderMatch>) -> Result<HeaderCond, ConfigError> {
+    let m = &cond.value;
+    let given = [
+        m.present.is_some(),
+        m.absent.is_some(),
+        m.equals.is_some(),
+        m.glob.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if given != 1 {
+        return Err(ctx.err(
+            &cond.referenced,
+            "a header condition takes exactly one of `present: true`, `absent: true`, `equals: VALUE`, `glob: PATTERN`",
+        ));
+    }
+    Ok(match m {
+        RawHeaderMatch {
+            present: Some(true),
+            ..
+        }
+        | RawHeaderMatch {
+            absent: Some(false),
+            ..
+        } => HeaderCond::Present,
+        RawHeaderMatch {
+            present: Some(false),
+            ..
+        }
+        | RawHeaderMatch {
+            absent: Some(true), ..
+        } => HeaderCond::Absent,
+        RawHeaderMatch {
+            equals: Some(v), ..
+        } => HeaderCond::Equals(v.as_bytes().to_vec()),
+        RawHeaderMatch { glob: Some(g), .. } => HeaderCond::Glob(
+            GlobBuilder::new(g)
+                .build()
+                .map_err(|e| ctx.err(&cond.referenced, format!("bad header glob: {e}")))?
+                .compile_matcher(),
+        ),
+        _ => HeaderCond::Present,
+    })
+}
+
+fn body_cond(ctx: &Ctx<'_>, body: &Spanned<RawBodyMatch>) -> Result<BodyCond, ConfigError> {
+    match &body.value {
+        RawBodyMatch {
+            contains: Some(text),
+            regex: None,
+        } => {
+            if text.is_empty() || text.len() > MAX_PATTERN_BYTES {
+                return Err(ctx.err(
+                    &body.referenced,
+                    format!("`contains` must be 1 to {MAX_PATTERN_BYTES} bytes"),
+                ));
+            }
+            Ok(BodyCond::Contains(Box::new(
+                memmem::Finder::new(text.as_bytes()).into_owned(),
+            )))
+        }
+        RawBodyMatch {
+            contains: None,
+            regex: Some(pattern),
+        } => {
+            if pattern.len() > MAX_PATTERN_BYTES {
+                return Err(ctx.err(
+                    &body.referenced,
+                    format!(
+                        "the regex is {} bytes; the limit is {MAX_PATTERN_BYTES}",
+                        pattern.len()
+                    ),
+                ));
+            }
+            let re = regex::bytes::RegexBuilder::new(pattern)
+                .size_limit(MAX_REGEX_COMPILED_BYTES)
+                .dfa_size_limit(4 * MAX_REGEX_COMPILED_BYTES)
+                .build()
+                .map_err(|e| {
+                    let detail = match e {
+                        regex::Error::CompiledTooBig(limit) => format!(
+                            "the regex compiles to more than {limit} bytes; simplify it (bounded repetitions such as {{1000}} multiply its size)"
+                        ),
+                        other => other.to_string(),
+                    };
+                    ctx.err(&body.referenced, format!("bad body regex: {detail}"))
+                })?;
+            Ok(BodyCond::Regex(re))
+        }
+        _ => Err(ctx.err(
+            &body.referenced,
+            "a body condition takes exactly one of `contains: TEXT` and `regex: PATTERN`",
+        )),
+    }
+}
+
+fn template(ctx: &Ctx<'_>, text: &Spanned<String>) -> Result<Template, ConfigError> {
+    if text.value.chars().count() > MAX_TEXT_CHARS {
+        return Err(ctx.err(
+            &text.referenced,
+            format!("text longer than {MAX_TEXT_CHARS} characters"),
+        ));
+    }
+    Template::parse(&text.value).map_err(|m| ctx.err(&text.referenced, m))
+}
+
+/// A vocabulary word, with a "did you mean" when it is close to a known one.
+fn word<T: Copy>(
+    ctx: &Ctx<'_>,
+    value: &Spanned<String>,
+    field: &str,
+    parse: fn(&str) -> Option<T>,
+    known: &[&str],
+) -> Result<T, ConfigError> {
+    parse(&value.value).ok_or_else(|| {
+        let mut msg = format!(
+            "unknown {field} `{}`",
+            crate::escape::clean(&value.value, 64)
+        );
+        if let Some(s) = suggest(&value.value, known) {
+            msg.push_str(&format!(" (did you mean `{s}`?)"));
+        }
+        msg.push_str(&format!("; expected one of {}", known.join(", ")));
+        ctx.err(&value.referenced, msg)
+    })
+}
+
+fn network(ctx: &Ctx<'_>, value: &Spanned<String>) -> Result<IpNet, ConfigError> {
+    let text = value.value.trim();
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .map(|n| match n {
+            // Match IPv4-mapped IPv6 peers against IPv4 lists.
+            IpNet::V6(v6) => v6
+                .addr()
+                .to_ipv4_mapped()
+                .and_then(|v4| ipnet::Ipv4Net::new(v4, v6.prefix_len().saturating_sub(96)).ok())
+                .map(IpNet::V4)
+                .unwrap_or(n),
+            v4 => v4,
+        })
+        .map(|n| n.trunc())
+        .map_err(|_| {
+            ctx.err(
+                &value.referenced,
+                format!(
+                    "`{}` is not a CIDR or an IP address (write 10.0.0.0/8 or 2001:db8::/32)",
+                    crate::escape::clean(text, 64)
+                ),
+            )
+        })
+}
+
+fn header_name(ctx: &Ctx<'_>, value: &Spanned<String>) -> Result<HeaderName, ConfigError> {
+    HeaderName::from_bytes(value.value.as_bytes()).map_err(|_| {
+        ctx.err(
+            &value.referenced,
+            format!(
+                "`{}` is not a valid header name",
+                crate::escape::clean(&value.value, 64)
+            ),
+        )
+    })
+}
+
+fn socket_addr(
+    ctx: &Ctx<'_>,
+    value: &Spanned<String>,
+    field: &str,
+) -> Result<SocketAddr, ConfigError> {
+    value.value.parse().map_err(|_| {
+        ctx.err(
+            &value.referenced,
+            format!("`{field}` must be an address with a port, such as 127.0.0.1:8080"),
+        )
+    })
+}
+
+fn upstream_url(ctx: &Ctx<'_>, value: &Spanned<String>) -> Result<Uri, ConfigError> {
+    let uri: Uri = value
+        .value
+        .parse()
+        .map_err(|_| ctx.err(&value.referenced, "`upstream` is not a URL"))?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    let path_ok = matches!(uri.path(), "" | "/") && uri.query().is_none();
+    if !scheme_ok || uri.authority().is_none() || !path_ok {
+        return Err(ctx.err(
+            &value.referenced,
+            "`upstream` must be http://host:port or https://host:port, without a path",
+        ));
+    }
+    Ok(uri)
+}
+
+/// A spanned copy of a map key, located at its value (keys carry no span).
+fn spanned_at(key: &str, at: &Location) -> Spanned<String> {
+    Spanned::new(key.to_owned(), *at, *at)
+}
+
+fn is_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn yaml_error(ctx: &Ctx<'_>, e: &serde_saphyr::Error) -> ConfigError {
+    let options = serde_saphyr::render_options! { snippets: serde_saphyr::SnippetMode::Off };
+    let mut message = e.render_with_options(options);
+    // The plain rendering ends with " at line N, column M"; the location is shown separately.
+    if let Some(cut) = message.rfind(" at line ") {
+        message.truncate(cut);
+    }
+    let message = with_suggestion(message);
+    let at = e.location().unwrap_or(Location::UNKNOWN);
+    ctx.err(&at, message)
+}
+
+/// FNV-1a of the config text: a short, stable revision id.
+fn revision(text: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}

@@ -1,0 +1,237 @@
+//! The config: read from YAML into raw types ([`raw`]), validated and compiled
+//! ([`compile`]) into a [`Config`] that is used as it is at request time:
+//! globs, networks, regexes and templates are all built once.
+//!
+//! A config is either wholly valid or refused with the file, line and column
+//! of the first problem; nothing is ever half-loaded.
+
+mod compile;
+mod error;
+pub mod raw;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::{HeaderName, StatusCode, Uri};
+use ipnet::IpNet;
+
+pub(crate) use error::suggest;
+pub use error::{ConfigError, Located};
+
+use crate::explanation::Expose;
+use crate::policy::PolicySet;
+
+/// The largest config file whydenied reads.
+pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Default `max_body_kib`.
+pub const DEFAULT_MAX_BODY_KIB: u32 = 64;
+
+/// A validated, compiled config. Cheap to share: wrap it in an `Arc`.
+#[derive(Debug)]
+pub struct Config {
+    pub(crate) intercept: StatusSet,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) trusted_proxies: Vec<IpNet>,
+    pub(crate) identity_header: Option<HeaderName>,
+    pub(crate) identity_claim: Option<String>,
+    pub(crate) api_key_headers: Vec<HeaderName>,
+    pub(crate) captured_headers: Vec<HeaderName>,
+    pub(crate) policies: PolicySet,
+    pub(crate) expose: Expose,
+    pub(crate) listen: Option<SocketAddr>,
+    pub(crate) upstream: Option<Uri>,
+    pub(crate) admin_listen: Option<SocketAddr>,
+    pub(crate) revision: String,
+}
+
+impl Default for Config {
+    /// Explains 403s with the built-in detectors only.
+    fn default() -> Self {
+        Config::from_yaml_str("{}").unwrap_or_else(|_| unreachable_default())
+    }
+}
+
+// `{}` always compiles; this keeps `Default` free of panics all the same.
+fn unreachable_default() -> Config {
+    Config {
+        intercept: StatusSet::from_codes(&[403]),
+        max_body_bytes: DEFAULT_MAX_BODY_KIB as usize * 1024,
+        trusted_proxies: Vec::new(),
+        identity_header: None,
+        identity_claim: None,
+        api_key_headers: Vec::new(),
+        captured_headers: Vec::new(),
+        policies: PolicySet::default(),
+        expose: Expose::Full,
+        listen: None,
+        upstream: None,
+        admin_listen: None,
+        revision: String::new(),
+    }
+}
+
+impl Config {
+    /// Parses and compiles a YAML config held in a string.
+    pub fn from_yaml_str(yaml: &str) -> Result<Config, ConfigError> {
+        Self::parse(yaml, "<config>")
+    }
+
+    /// Reads, parses and compiles a YAML config file. Errors name the file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let read_err = |source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let size = std::fs::metadata(path).map_err(read_err)?.len();
+        if size > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge {
+                name: path.display().to_string(),
+                size,
+                limit: MAX_CONFIG_BYTES,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read_err)?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and compiles `text`, naming it `source_name` in errors.
+    pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge {
+                name: source_name.to_owned(),
+                size: text.len() as u64,
+                limit: MAX_CONFIG_BYTES,
+            });
+        }
+        compile::compile(text, source_name)
+    }
+
+    /// Whether responses with this status are explained.
+    #[inline]
+    pub fn intercepts(&self, status: StatusCode) -> bool {
+        self.intercept.contains(status.as_u16())
+    }
+
+    /// The intercepted statuses.
+    pub fn intercepted(&self) -> Vec<u16> {
+        self.intercept.codes()
+    }
+
+    /// How many bytes of a denial's body are read.
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+
+    /// The policies, in file order.
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    /// A short hash of the config text, to tell which config answered.
+    pub fn revision(&self) -> &str {
+        &self.revision
+    }
+
+    /// Sidecar: the address to listen on, if set.
+    pub fn listen(&self) -> Option<SocketAddr> {
+        self.listen
+    }
+
+    /// Sidecar: the upstream URL, if set.
+    pub fn upstream(&self) -> Option<&Uri> {
+        self.upstream.as_ref()
+    }
+
+    /// Sidecar: the admin listener address, if set.
+    pub fn admin_listen(&self) -> Option<SocketAddr> {
+        self.admin_listen
+    }
+
+    pub(crate) fn captured_headers(&self) -> &[HeaderName] {
+        &self.captured_headers
+    }
+
+    pub(crate) fn identity_header(&self) -> Option<&HeaderName> {
+        self.identity_header.as_ref()
+    }
+
+    pub(crate) fn api_key_headers(&self) -> &[HeaderName] {
+        &self.api_key_headers
+    }
+
+    #[inline]
+    pub(crate) fn has_trusted_proxies(&self) -> bool {
+        !self.trusted_proxies.is_empty()
+    }
+
+    pub(crate) fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// The statuses that are intercepted: a bit per status in 400..=599, so the
+/// pass-through check is one shift and one mask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct StatusSet([u64; 4]);
+
+impl StatusSet {
+    pub(crate) fn from_codes(codes: &[u16]) -> Self {
+        let mut bits = [0u64; 4];
+        for &code in codes {
+            if (400..600).contains(&code) {
+                let i = (code - 400) as usize;
+                bits[i / 64] |= 1 << (i % 64);
+            }
+        }
+        Self(bits)
+    }
+
+    #[inline]
+    pub(crate) fn contains(&self, code: u16) -> bool {
+        let i = code.wrapping_sub(400) as usize;
+        i < 200 && self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    fn codes(&self) -> Vec<u16> {
+        (400..600).filter(|c| self.contains(*c)).collect()
+    }
+}
+
+/// The current config, replaceable while requests run. Requests load it once
+/// when they start and finish on that config even if it is replaced meanwhile.
+#[derive(Clone, Debug)]
+pub struct ConfigHandle(Arc<ArcSwap<Config>>);
+
+impl ConfigHandle {
+    /// A handle holding `config`.
+    pub fn new(config: Config) -> Self {
+        Self(Arc::new(ArcSwap::from_pointee(config)))
+    }
+
+    /// The current config.
+    #[inline]
+    pub fn load(&self) -> Arc<Config> {
+        self.0.load_full()
+    }
+
+    /// Replaces the config for requests that start from now on.
+    pub fn replace(&self, config: Config) {
+        self.0.store(Arc::new(config));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,213 @@
+//! Loading configs: the shipped example, and every kind of bad config with its
+//! location.
+
+use super::*;
+
+fn err(yaml: &str) -> ConfigError {
+    match Config::from_yaml_str(yaml) {
+        Ok(_) => panic!("config was accepted:\n{yaml}"),
+        Err(e) => e,
+    }
+}
+
+fn assert_err(yaml: &str, line: u64, column: u64, needle: &str) {
+    let e = err(yaml);
+    assert_eq!(e.location(), Some((line, column)), "{e}");
+    assert!(
+        e.to_string().contains(needle),
+        "expected {needle:?} in:\n{e}"
+    );
+}
+
+#[test]
+fn the_shipped_config_loads() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/whydenied.yaml");
+    let config = Config::from_file(path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.policies().len() >= 5);
+    assert_eq!(config.intercepted(), vec![401, 403, 429, 451]);
+}
+
+#[test]
+fn defaults() {
+    let c = Config::from_yaml_str("").unwrap();
+    assert_eq!(c.intercepted(), vec![403]);
+    assert_eq!(c.max_body_bytes(), 64 * 1024);
+    assert!(c.policies().is_empty());
+    assert!(c.intercepts(http::StatusCode::FORBIDDEN));
+    assert!(!c.intercepts(http::StatusCode::OK));
+    assert!(!c.intercepts(http::StatusCode::UNAUTHORIZED));
+    let d = Config::default();
+    assert_eq!(d.intercepted(), vec![403]);
+}
+
+#[test]
+fn unknown_keys_with_did_you_mean() {
+    assert_err(
+        "policies:\n  - id: a\n    cause: permission\n    titel: x\n",
+        4,
+        5,
+        "unknown field `titel`",
+    );
+    assert!(
+        err("policies:\n  - id: a\n    cause: permission\n    titel: x\n")
+            .to_string()
+            .contains("did you mean `title`?")
+    );
+    assert!(
+        err("intercpt: [403]\n")
+            .to_string()
+            .contains("did you mean `intercept`?")
+    );
+}
+
+#[test]
+fn bad_globs() {
+    assert_err(
+        "policies:\n  - id: a\n    cause: permission\n    match: { path: \"/a/[b\" }\n",
+        4,
+        20,
+        "bad path glob",
+    );
+}
+
+#[test]
+fn bad_cidrs_and_unknown_networks() {
+    assert_err("trusted_proxies: [10.0.0.0/33]\n", 1, 19, "not a CIDR");
+    assert_err(
+        "networks: { office: [192.0.2.0/24, nope] }\n",
+        1,
+        36,
+        "`nope` is not a CIDR",
+    );
+    let e = err(
+        "networks: { office: [192.0.2.0/24] }\npolicies:\n  - id: a\n    cause: ip_blocked\n    match: { client_in: [ofice] }\n",
+    );
+    assert!(
+        e.to_string()
+            .contains("unknown network `ofice` (did you mean `office`?)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn regexes_over_the_size_limit() {
+    let yaml = "policies:\n  - id: a\n    cause: permission\n    match: { body: { regex: \"(\\\\w{50}){50}\" } }\n";
+    let e = err(yaml);
+    assert!(e.to_string().contains("compiles to more than"), "{e}");
+    assert_eq!(e.location().map(|l| l.0), Some(4));
+    let long = format!(
+        "policies:\n  - id: a\n    cause: permission\n    match: {{ body: {{ regex: \"{}\" }} }}\n",
+        "a".repeat(2000)
+    );
+    assert!(err(&long).to_string().contains("the limit is 1024"));
+}
+
+#[test]
+fn unknown_causes() {
+    assert_err(
+        "policies:\n  - id: a\n    cause: permision\n",
+        3,
+        12,
+        "unknown cause `permision` (did you mean `permission`?)",
+    );
+    assert!(
+        err("policies:\n  - id: a\n")
+            .to_string()
+            .contains("has no `cause`")
+    );
+}
+
+#[test]
+fn duplicate_policy_ids() {
+    assert_err(
+        "policies:\n  - id: a\n    cause: permission\n  - id: a\n    cause: csrf\n",
+        4,
+        9,
+        "duplicate policy id `a`: it is already used by the policy at line 2",
+    );
+}
+
+#[test]
+fn other_mistakes_are_located() {
+    assert_err("intercept: [200]\n", 1, 13, "cannot intercept status 200");
+    assert_err("max_body_kib: 0\n", 1, 15, "between 1 and 1024");
+    assert_err(
+        "policies:\n  - id: a\n    cause: permission\n    detail: \"{{ pth }}\"\n",
+        4,
+        13,
+        "did you mean `path`?",
+    );
+    assert_err(
+        "policies:\n  - id: a\n    cause: permission\n    match: { status: [429] }\n",
+        4,
+        23,
+        "status 429 is not intercepted",
+    );
+    assert_err(
+        "policies:\n  - id: a\n    cause: permission\n    match: { headers: { x-a: { present: true, equals: b } } }\n",
+        4,
+        30,
+        "exactly one of",
+    );
+    assert_err("upstream: ftp://x\n", 1, 11, "`upstream` must be");
+    assert_err(
+        "policies:\n  - id: a\n    cause: permission\n    docs: javascript:alert(1)\n",
+        4,
+        11,
+        "absolute http",
+    );
+    assert_err(
+        "policies:\n  - id: \"a b\"\n    cause: permission\n",
+        2,
+        9,
+        "policy id",
+    );
+    let e = err("policies: [\n");
+    assert!(e.location().is_some(), "{e}");
+}
+
+#[test]
+fn errors_name_the_file() {
+    let dir = std::env::temp_dir().join(format!("whydenied-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.yaml");
+    std::fs::write(&path, "policies:\n  - id: a\n    cause: nope\n").unwrap();
+    let e = Config::from_file(&path).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{}:3:12: unknown cause", path.display())),
+        "{e}"
+    );
+    assert!(e.to_string().contains("3 |     cause: nope"), "{e}");
+    let missing = Config::from_file(dir.join("missing.yaml")).unwrap_err();
+    assert!(missing.to_string().contains("cannot read config file"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn hostile_yaml_is_refused_not_expanded() {
+    // A billion-laughs style alias bomb must be refused by the parser budget.
+    let mut yaml = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..12 {
+        let prev = i - 1;
+        yaml.push_str(&format!(
+            "a{i}: &a{i} [*a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}]\n"
+        ));
+    }
+    assert!(Config::from_yaml_str(&yaml).is_err());
+}
+
+#[test]
+fn too_many_captured_headers() {
+    let mut yaml = String::from("policies:\n");
+    for i in 0..9 {
+        yaml.push_str(&format!(
+            "  - id: p{i}\n    cause: permission\n    match: {{ headers: {{ x-h{i}: {{ present: true }} }} }}\n"
+        ));
+    }
+    assert!(
+        err(&yaml)
+            .to_string()
+            .contains("more than 8 distinct request headers")
+    );
+}

@@ -1,0 +1,570 @@
+//! Diagnosis: from the request facts and the upstream's answer to an
+//! [`Explanation`].
+//!
+//! The first matching policy is authoritative: it names who denied and why.
+//! Built-in detectors then add causes with their evidence (below the policy's
+//! cause when one matched). With no policy and no detector firing, the
+//! explanation says honestly that the cause is unknown.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use http::StatusCode;
+use http::header::RETRY_AFTER;
+
+use crate::config::Config;
+use crate::escape::{MAX_REFLECTED_CHARS, clean};
+use crate::explanation::{
+    Audience, Cause, CauseKind, Effort, Explanation, Likelihood, PolicyRef, Remediation,
+};
+use crate::facts::RequestFacts;
+use crate::id::DenialId;
+use crate::policy::{Policy, Upstream};
+use crate::template::{Var, Vars};
+use crate::token;
+
+/// The longest wait that `Retry-After` is believed for (one day).
+const MAX_RETRY_AFTER: u64 = 24 * 60 * 60;
+
+/// Who the caller is, as far as whydenied can tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The name, cleaned for display.
+    pub name: String,
+    /// True when read from an unverified token claim.
+    pub unverified: bool,
+}
+
+/// Explains one denial.
+pub fn explain(
+    config: &Config,
+    facts: &RequestFacts,
+    upstream: &Upstream<'_>,
+    denial_id: DenialId,
+    now: SystemTime,
+) -> Explanation {
+    let client_ip = facts.client_ip(config);
+    let identity = identity(config, facts);
+    let policy = config.policies().first_match(facts, client_ip, upstream);
+
+    let mut causes = Vec::new();
+    if let Some(policy) = policy {
+        causes.push(Cause {
+            cause: policy.cause,
+            likelihood: Likelihood::High,
+            evidence: vec![format!("The request matched policy `{}`.", policy.id)],
+        });
+    }
+    let secondary = if policy.is_some() {
+        Likelihood::Medium
+    } else {
+        Likelihood::High
+    };
+    if !facts.has_credentials() {
+        causes.push(Cause {
+            cause: CauseKind::AuthenticationMissing,
+            likelihood: secondary,
+            evidence: vec![
+                "The request carried no Authorization header, no cookie and no API key.".into(),
+            ],
+        });
+    }
+    let retry_after = retry_after_seconds(upstream, now);
+    if let Some(seconds) = retry_after {
+        let likelihood = if upstream.status == StatusCode::TOO_MANY_REQUESTS {
+            Likelihood::High
+        } else {
+            secondary
+        };
+        causes.push(Cause {
+            cause: CauseKind::RateLimited,
+            likelihood,
+            evidence: vec![format!(
+                "The upstream asked the caller to retry after {seconds} seconds (Retry-After)."
+            )],
+        });
+    }
+    if causes.is_empty() {
+        causes.push(Cause {
+            cause: CauseKind::Unknown,
+            likelihood: Likelihood::Low,
+            evidence: vec![format!(
+                "The upstream answered {} without a reason whydenied recognises.",
+                upstream.status.as_u16()
+            )],
+        });
+    }
+
+    let mut explanation = Explanation {
+        denial_id,
+        status: upstream.status,
+        title: String::new(),
+        detail: String::new(),
+        policy: None,
+        causes,
+        remediation: Vec::new(),
+        retry_after_seconds: retry_after,
+        contact: policy.and_then(|p| p.contact.clone()),
+        escalate: None,
+        expose: policy.map_or(config.expose, |p| p.expose),
+        identity: identity.clone(),
+        client_ip,
+    };
+    explanation.rank_causes();
+    let top = explanation.top_cause();
+    let text = cause_text(top, upstream.status);
+
+    let mut vars = DenialVars {
+        facts,
+        status: upstream.status,
+        policy,
+        policy_title: String::new(),
+        identity: identity.as_ref(),
+        client_ip,
+        denial_id: &denial_id,
+    };
+    match policy {
+        Some(p) => {
+            let title = p
+                .title
+                .as_ref()
+                .map(|t| t.render(&vars))
+                .unwrap_or_else(|| text.title.to_owned());
+            vars.policy_title = title.clone();
+            explanation.title = title;
+            explanation.detail = p
+                .detail
+                .as_ref()
+                .map(|t| t.render(&vars))
+                .unwrap_or_else(|| text.detail.to_owned());
+            explanation.remediation = p
+                .remediation
+                .iter()
+                .map(|s| Remediation {
+                    step: s.text.render(&vars),
+                    audience: s.audience,
+                    effort: s.effort,
+                })
+                .collect();
+            explanation.policy = Some(PolicyRef {
+                id: p.id.clone(),
+                title: explanation.title.clone(),
+                owner: p.owner.clone(),
+                docs: p.docs.clone(),
+            });
+        }
+        None => {
+            explanation.title = text.title.to_owned();
+            explanation.detail = text.detail.to_owned();
+        }
+    }
+    if explanation.remediation.is_empty() {
+        explanation.remediation = text
+            .steps
+            .iter()
+            .map(|(step, audience, effort)| Remediation {
+                step: (*step).to_owned(),
+                audience: *audience,
+                effort: *effort,
+            })
+            .collect();
+    }
+    // Caller steps first, then admin steps, each in their given order.
+    explanation
+        .remediation
+        .sort_by_key(|r| r.audience == Audience::Admin);
+    explanation
+}
+
+/// The caller's identity: the configured header, else the configured claim of
+/// the bearer token (unverified).
+fn identity(config: &Config, facts: &RequestFacts) -> Option<Identity> {
+    if let Some(value) = &facts.identity_header {
+        let name = clean(
+            &String::from_utf8_lossy(value.as_bytes()),
+            MAX_REFLECTED_CHARS,
+        );
+        if !name.trim().is_empty() {
+            return Some(Identity {
+                name,
+                unverified: false,
+            });
+        }
+    }
+    let claim = config.identity_claim.as_deref()?;
+    let bearer = token::bearer(facts.authorization.as_ref()?)?;
+    let claims = token::unverified_claims(bearer)?;
+    let name = token::claim_text(&claims, claim)?;
+    Some(Identity {
+        name: clean(&name, MAX_REFLECTED_CHARS),
+        unverified: true,
+    })
+}
+
+/// Seconds to wait, from `Retry-After` (delay-seconds or an HTTP date).
+fn retry_after_seconds(upstream: &Upstream<'_>, now: SystemTime) -> Option<u64> {
+    let value = upstream.headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let seconds = match value.parse::<u64>() {
+        Ok(s) => s,
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            at.duration_since(now).unwrap_or(Duration::ZERO).as_secs()
+        }
+    };
+    Some(seconds.min(MAX_RETRY_AFTER))
+}
+
+struct DenialVars<'a> {
+    facts: &'a RequestFacts,
+    status: StatusCode,
+    policy: Option<&'a Policy>,
+    policy_title: String,
+    identity: Option<&'a Identity>,
+    client_ip: Option<IpAddr>,
+    denial_id: &'a DenialId,
+}
+
+impl Vars for DenialVars<'_> {
+    fn write(&self, var: Var, out: &mut String) {
+        match var {
+            Var::Method => out.push_str(&clean(self.facts.method().as_str(), 32)),
+            Var::Path => out.push_str(&clean(self.facts.path(), MAX_REFLECTED_CHARS)),
+            Var::Host => out.push_str(&clean(self.facts.host().unwrap_or(""), MAX_REFLECTED_CHARS)),
+            Var::Status => out.push_str(self.status.as_str()),
+            Var::Policy => out.push_str(self.policy.map_or("", |p| p.id.as_str())),
+            Var::PolicyTitle => out.push_str(&self.policy_title),
+            Var::Identity => out.push_str(self.identity.map_or("anonymous", |i| i.name.as_str())),
+            Var::ClientIp => {
+                if let Some(ip) = self.client_ip {
+                    out.push_str(&ip.to_string());
+                }
+            }
+            Var::DenialId => out.push_str(self.denial_id.as_str()),
+            Var::Owner => out.push_str(self.policy.and_then(|p| p.owner.as_deref()).unwrap_or("")),
+            Var::Contact => {
+                out.push_str(self.policy.and_then(|p| p.contact.as_deref()).unwrap_or(""))
+            }
+        }
+    }
+}
+
+/// What to say about a cause when no policy says it.
+struct CauseText {
+    title: &'static str,
+    detail: &'static str,
+    steps: &'static [(&'static str, Audience, Effort)],
+}
+
+fn cause_text(cause: CauseKind, status: StatusCode) -> CauseText {
+    use Audience::{Admin, Caller};
+    use Effort::{Easy, Medium};
+    match cause {
+        CauseKind::Permission => CauseText {
+            title: "You do not have permission for this",
+            detail: "You were identified, but your account or role is not allowed to do this.",
+            steps: &[
+                (
+                    "Check that you are signed in with the right account.",
+                    Caller,
+                    Easy,
+                ),
+                (
+                    "Ask the resource's owner to grant you access.",
+                    Caller,
+                    Easy,
+                ),
+                (
+                    "Review the role and permission assignments for this resource.",
+                    Admin,
+                    Medium,
+                ),
+            ],
+        },
+        CauseKind::AuthenticationMissing => CauseText {
+            title: "Sign-in required",
+            detail: "The request carried no credentials, so the service could not tell who you are.",
+            steps: &[
+                (
+                    "Sign in, or send your credentials (an Authorization header, a session cookie or an API key) and try again.",
+                    Caller,
+                    Easy,
+                ),
+                (
+                    "If you did send credentials, check that nothing between you and the service strips them.",
+                    Admin,
+                    Medium,
+                ),
+            ],
+        },
+        CauseKind::TokenExpired => CauseText {
+            title: "Your credentials have expired",
+            detail: "The token or session you sent is no longer valid.",
+            steps: &[(
+                "Sign in again or refresh your token, then retry.",
+                Caller,
+                Easy,
+            )],
+        },
+        CauseKind::TokenInvalid => CauseText {
+            title: "Your credentials were not accepted",
+            detail: "The token or key you sent was malformed, revoked or issued for another service.",
+            steps: &[
+                (
+                    "Get a new token or key for this service and retry.",
+                    Caller,
+                    Easy,
+                ),
+                (
+                    "Check the token's issuer and audience settings.",
+                    Admin,
+                    Medium,
+                ),
+            ],
+        },
+        CauseKind::InsufficientScope => CauseText {
+            title: "Your token lacks a required scope",
+            detail: "You are signed in, but your token was not granted the scope this request needs.",
+            steps: &[
+                (
+                    "Request a token with the required scope and retry.",
+                    Caller,
+                    Easy,
+                ),
+                (
+                    "Grant the scope to the client or user if it should have it.",
+                    Admin,
+                    Medium,
+                ),
+            ],
+        },
+        CauseKind::IpBlocked => CauseText {
+            title: "Your network is not allowed",
+            detail: "Requests from your network address are not accepted here.",
+            steps: &[
+                (
+                    "Connect from an allowed network (for example the office network or VPN) and retry.",
+                    Caller,
+                    Easy,
+                ),
+                ("Review the IP allow and deny lists.", Admin, Medium),
+            ],
+        },
+        CauseKind::RateLimited => CauseText {
+            title: "Too many requests",
+            detail: "You sent more requests than allowed in a period of time. This is temporary.",
+            steps: &[
+                (
+                    "Wait before retrying, and slow down or back off between requests.",
+                    Caller,
+                    Easy,
+                ),
+                (
+                    "Check the rate-limit thresholds if legitimate traffic is being limited.",
+                    Admin,
+                    Medium,
+                ),
+            ],
+        },
+        CauseKind::WafOrBot => CauseText {
+            title: "Blocked by a security filter",
+            detail: "A firewall or bot protection in front of the service blocked this request.",
+            steps: &[
+                (
+                    "Retry from a normal browser session; if it persists, contact support with the denial id.",
+                    Caller,
+                    Easy,
+                ),
+                (
+                    "Look up the firewall rule that fired for this request and add an exception if it is a false positive.",
+                    Admin,
+                    Medium,
+                ),
+            ],
+        },
+        CauseKind::Csrf => CauseText {
+            title: "The request failed a cross-site check",
+            detail: "The request lacked a valid CSRF token or came from an unexpected origin.",
+            steps: &[
+                ("Reload the page and submit the form again.", Caller, Easy),
+                (
+                    "Check that the client sends the CSRF token and that the origin is trusted.",
+                    Admin,
+                    Medium,
+                ),
+            ],
+        },
+        CauseKind::GeoBlocked => CauseText {
+            title: "Not available in your region",
+            detail: "Access from your location is restricted.",
+            steps: &[(
+                "Contact the service owner if you believe you should have access.",
+                Caller,
+                Easy,
+            )],
+        },
+        CauseKind::AccountState => CauseText {
+            title: "Your account cannot do this right now",
+            detail: "Your account's state (for example billing, verification or two-factor setup) blocks this request.",
+            steps: &[(
+                "Check your account settings or billing, then retry.",
+                Caller,
+                Easy,
+            )],
+        },
+        CauseKind::PolicyExplicitDeny => CauseText {
+            title: "Denied by an explicit rule",
+            detail: "A rule explicitly denies this request, whatever else would allow it.",
+            steps: &[
+                (
+                    "Ask the policy's owner whether the rule should apply to you.",
+                    Caller,
+                    Easy,
+                ),
+                ("Review the deny rule and its conditions.", Admin, Medium),
+            ],
+        },
+        CauseKind::Unknown => CauseText {
+            title: crate::explanation::generic_title(status),
+            detail: "The service denied the request without saying why.",
+            steps: &[
+                (
+                    "Check that you are using the right URL and account.",
+                    Caller,
+                    Easy,
+                ),
+                (
+                    "Quote the denial id when you contact the service's owners.",
+                    Caller,
+                    Easy,
+                ),
+                (
+                    "Search the service's logs for the denial id's time and path to find the rule that fired.",
+                    Admin,
+                    Medium,
+                ),
+            ],
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderMap, Request};
+
+    const CONFIG: &str = r##"
+identity: { header: x-forwarded-user, jwt_claim: sub }
+policies:
+  - id: admin-console
+    title: Administrators only
+    match: { path: "/admin/**" }
+    cause: permission
+    detail: "{{ method }} {{ path }} is limited to ops-admins, {{ identity }}."
+    remediation:
+      - { step: "Ask your team lead to add you to ops-admins.", for: caller }
+      - { step: "Add the user in the directory.", for: admin, effort: medium }
+    owner: platform-team
+    contact: "#platform-help"
+"##;
+
+    fn run(req: Request<()>, status: u16, headers: HeaderMap) -> Explanation {
+        let config = Config::from_yaml_str(CONFIG).unwrap();
+        let facts = RequestFacts::capture(&req, &config);
+        let upstream = Upstream {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: &headers,
+            body: b"",
+        };
+        explain(
+            &config,
+            &facts,
+            &upstream,
+            DenialId::from_bytes([1; 16]),
+            SystemTime::now(),
+        )
+    }
+
+    #[test]
+    fn a_matching_policy_is_authoritative() {
+        let req = Request::get("/admin/users")
+            .header("x-forwarded-user", "alice")
+            .header("cookie", "s=1")
+            .body(())
+            .unwrap();
+        let e = run(req, 403, HeaderMap::new());
+        assert_eq!(e.policy.as_ref().unwrap().id, "admin-console");
+        assert_eq!(e.top_cause(), CauseKind::Permission);
+        assert_eq!(
+            e.detail,
+            "GET /admin/users is limited to ops-admins, alice."
+        );
+        assert_eq!(e.contact.as_deref(), Some("#platform-help"));
+        assert_eq!(e.remediation[0].audience, Audience::Caller);
+        assert_eq!(e.remediation[1].audience, Audience::Admin);
+    }
+
+    #[test]
+    fn no_credentials_is_detected_without_a_policy() {
+        let e = run(Request::get("/x").body(()).unwrap(), 403, HeaderMap::new());
+        assert!(e.policy.is_none());
+        assert_eq!(e.top_cause(), CauseKind::AuthenticationMissing);
+        assert_eq!(e.causes[0].likelihood, Likelihood::High);
+        assert_eq!(e.title, "Sign-in required");
+    }
+
+    #[test]
+    fn no_credentials_ranks_below_a_policy() {
+        let e = run(
+            Request::get("/admin").body(()).unwrap(),
+            403,
+            HeaderMap::new(),
+        );
+        assert_eq!(e.top_cause(), CauseKind::Permission);
+        assert_eq!(e.causes[1].cause, CauseKind::AuthenticationMissing);
+        assert_eq!(e.causes[1].likelihood, Likelihood::Medium);
+    }
+
+    #[test]
+    fn retry_after_makes_it_temporary() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, "30".parse().unwrap());
+        let req = Request::get("/api")
+            .header("authorization", "Bearer x")
+            .body(())
+            .unwrap();
+        let e = run(req, 403, h);
+        assert_eq!(e.retry_after_seconds, Some(30));
+        assert_eq!(e.top_cause(), CauseKind::RateLimited);
+
+        let mut h = HeaderMap::new();
+        let later = SystemTime::now() + Duration::from_secs(120);
+        h.insert(RETRY_AFTER, httpdate::fmt_http_date(later).parse().unwrap());
+        let req = Request::get("/api")
+            .header("authorization", "Bearer x")
+            .body(())
+            .unwrap();
+        let secs = run(req, 403, h).retry_after_seconds.unwrap();
+        assert!((100..=120).contains(&secs), "{secs}");
+    }
+
+    #[test]
+    fn unknown_when_nothing_is_known() {
+        let req = Request::get("/x").header("cookie", "a=b").body(()).unwrap();
+        let e = run(req, 403, HeaderMap::new());
+        assert_eq!(e.top_cause(), CauseKind::Unknown);
+        assert_eq!(e.causes[0].likelihood, Likelihood::Low);
+    }
+
+    #[test]
+    fn identity_from_an_unverified_jwt_claim() {
+        let jwt = token::make_jwt(r#"{"sub":"bob\r\nInjected: yes"}"#);
+        let req = Request::get("/admin")
+            .header("authorization", format!("Bearer {jwt}"))
+            .body(())
+            .unwrap();
+        let e = run(req, 403, HeaderMap::new());
+        let id = e.identity.unwrap();
+        assert!(id.unverified);
+        assert_eq!(id.name, "bob\\u{d}\\u{a}Injected: yes");
+    }
+}

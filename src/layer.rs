@@ -1,0 +1,431 @@
+//! The Tower layer: [`ExplainLayer`] wraps a service, and every response
+//! whose status is intercepted comes out explained.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+//! use whydenied::{Config, ExplainLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config::from_yaml_str(r##"
+//! policies:
+//!   - id: admin-console
+//!     title: Administrators only
+//!     match: { path: "/admin/**" }
+//!     cause: permission
+//!     contact: "#platform-help"
+//! "##)?;
+//!
+//! let app = service_fn(|req: Request<()>| async move {
+//!     let status = if req.uri().path().starts_with("/admin") {
+//!         StatusCode::FORBIDDEN
+//!     } else {
+//!         StatusCode::OK
+//!     };
+//!     let mut res = Response::new(Full::new(Bytes::from_static(b"upstream says no")));
+//!     *res.status_mut() = status;
+//!     Ok::<_, Infallible>(res)
+//! });
+//! let mut svc = ServiceBuilder::new().layer(ExplainLayer::new(config)).service(app);
+//!
+//! let req = Request::get("/admin/users").header("cookie", "s=1").body(())?;
+//! let res = svc.ready().await?.call(req).await?;
+//! assert_eq!(res.status(), StatusCode::FORBIDDEN); // the status never changes
+//! assert!(res.headers().contains_key("x-denial-id"));
+//! assert_eq!(res.headers()["content-type"], "application/problem+json");
+//! let body = res.into_body().collect().await?.to_bytes();
+//! let problem: serde_json::Value = serde_json::from_slice(&body)?;
+//! assert_eq!(problem["policy"]["id"], "admin-console");
+//! assert_eq!(problem["causes"][0]["cause"], "permission");
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::ExplainBody;
+use crate::config::{Config, ConfigHandle};
+use crate::diagnose;
+use crate::explanation::Explanation;
+use crate::facts::RequestFacts;
+use crate::id::{DenialId, IdError};
+use crate::negotiate::Negotiated;
+use crate::policy::Upstream;
+use crate::render;
+
+/// The header that carries the denial id.
+pub const DENIAL_ID_HEADER: &str = "x-denial-id";
+
+/// Upstream headers that describe the body being replaced, and so are dropped.
+const BODY_HEADERS: &[&str] = &[
+    "content-length",
+    "content-encoding",
+    "content-range",
+    "content-type",
+    "content-disposition",
+    "content-md5",
+    "content-digest",
+    "repr-digest",
+    "digest",
+    "etag",
+    "last-modified",
+    "transfer-encoding",
+    "trailer",
+    "cache-control",
+    "expires",
+    "content-security-policy",
+    "content-security-policy-report-only",
+];
+
+/// Explains intercepted responses of the wrapped service. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct ExplainLayer {
+    config: ConfigHandle,
+}
+
+impl ExplainLayer {
+    /// A layer with a fixed config.
+    pub fn new(config: Config) -> Self {
+        Self::with_handle(ConfigHandle::new(config))
+    }
+
+    /// A layer whose config can be replaced at run time through `handle`.
+    pub fn with_handle(handle: ConfigHandle) -> Self {
+        Self { config: handle }
+    }
+
+    /// The handle to the layer's config, to replace it while running.
+    pub fn handle(&self) -> &ConfigHandle {
+        &self.config
+    }
+}
+
+impl<S> Layer<S> for ExplainLayer {
+    type Service = Explain<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Explain {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The service made by [`ExplainLayer`].
+#[derive(Clone, Debug)]
+pub struct Explain<S> {
+    inner: S,
+    config: ConfigHandle,
+}
+
+impl<S> Explain<S> {
+    /// Wraps `inner` with `config`.
+    pub fn new(inner: S, config: Config) -> Self {
+        ExplainLayer::new(config).layer(inner)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Explain<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+{
+    type Response = Response<ExplainBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let config = self.config.load();
+        let facts = RequestFacts::capture(&req, &config);
+        ResponseFuture {
+            inner: self.inner.call(req),
+            pending: Some(Pending { config, facts }),
+            collecting: None,
+        }
+    }
+}
+
+/// What a request leaves for its response: the config it started on and its facts.
+struct Pending {
+    config: Arc<Config>,
+    facts: RequestFacts,
+}
+
+pin_project! {
+    /// The response future of [`Explain`].
+    pub struct ResponseFuture<F, B: Body> {
+        #[pin]
+        inner: F,
+        pending: Option<Pending>,
+        collecting: Option<Box<Collecting<B>>>,
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body<Data = Bytes>,
+{
+    type Output = Result<Response<ExplainBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if this.collecting.is_none() {
+            let response = ready!(this.inner.poll(cx))?;
+            let intercept = this
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.config.intercepts(response.status()))
+                && !response.headers().contains_key(DENIAL_ID_HEADER);
+            // The pass-through path: one status check, then out.
+            let (true, Some(pending)) = (intercept, this.pending.take()) else {
+                return Poll::Ready(Ok(response.map(ExplainBody::inner)));
+            };
+            let (parts, body) = response.into_parts();
+            *this.collecting = Some(Box::new(Collecting::new(pending, parts, body)));
+        }
+        let Some(collecting) = this.collecting.as_mut() else {
+            return Poll::Pending;
+        };
+        ready!(collecting.poll_read(cx));
+        match this.collecting.take() {
+            Some(collecting) => Poll::Ready(Ok((*collecting).finish())),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// An intercepted response whose body prefix is being read.
+struct Collecting<B: Body> {
+    pending: Pending,
+    parts: http::response::Parts,
+    body: Pin<Box<B>>,
+    chunks: VecDeque<Bytes>,
+    read: usize,
+    trailers: Option<HeaderMap>,
+    error: Option<B::Error>,
+    ended: bool,
+    done: bool,
+}
+
+impl<B: Body<Data = Bytes>> Collecting<B> {
+    fn new(pending: Pending, parts: http::response::Parts, body: B) -> Self {
+        Self {
+            pending,
+            parts,
+            body: Box::pin(body),
+            chunks: VecDeque::new(),
+            read: 0,
+            trailers: None,
+            error: None,
+            ended: false,
+            done: false,
+        }
+    }
+
+    /// Reads until `max_body_bytes` are held, the body ends, or it fails.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let limit = self.pending.config.max_body_bytes();
+        while !self.done {
+            if self.read >= limit {
+                self.done = true;
+                break;
+            }
+            match ready!(self.body.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        self.read += data.len();
+                        if !data.is_empty() {
+                            self.chunks.push_back(data);
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            self.trailers = Some(trailers);
+                        }
+                    }
+                },
+                Some(Err(e)) => {
+                    self.error = Some(e);
+                    self.done = true;
+                }
+                None => {
+                    self.ended = true;
+                    self.done = true;
+                }
+            }
+        }
+        Poll::Ready(())
+    }
+
+    /// The explained response, or the upstream's own if explaining failed.
+    fn finish(self) -> Response<ExplainBody<B>> {
+        let limit = self.pending.config.max_body_bytes();
+        let mut prefix = Vec::with_capacity(self.read.min(limit));
+        for chunk in &self.chunks {
+            let room = limit - prefix.len();
+            prefix.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if prefix.len() == limit {
+                break;
+            }
+        }
+        let built = catch_unwind(AssertUnwindSafe(|| {
+            explained(&self.pending, &self.parts, &prefix)
+        }));
+        match built {
+            Ok(Ok((headers, body))) => {
+                let mut parts = self.parts;
+                parts.headers = headers;
+                Response::from_parts(parts, ExplainBody::explained(body))
+            }
+            failure => {
+                let reason = match failure {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "a panic while building the explanation".to_owned(),
+                };
+                tracing::error!(
+                    target: "whydenied",
+                    status = self.parts.status.as_u16(),
+                    error = %reason,
+                    "could not explain a denial; the upstream response is passed through unchanged"
+                );
+                let this = self;
+                let rest = (!this.ended && this.error.is_none()).then_some(this.body);
+                Response::from_parts(
+                    this.parts,
+                    ExplainBody::Replay {
+                        prefix: this.chunks,
+                        trailers: this.trailers,
+                        error: this.error,
+                        rest,
+                    },
+                )
+            }
+        }
+    }
+}
+
+/// Why an explanation could not be built.
+#[derive(Debug, thiserror::Error)]
+enum ExplainError {
+    #[error(transparent)]
+    Id(#[from] IdError),
+    #[error("an explanation header is not valid: {0}")]
+    Header(#[from] http::header::InvalidHeaderValue),
+}
+
+/// Diagnoses and renders; returns the new headers and body.
+fn explained(
+    pending: &Pending,
+    parts: &http::response::Parts,
+    body: &[u8],
+) -> Result<(HeaderMap, Bytes), ExplainError> {
+    let Pending { config, facts } = pending;
+    let upstream = Upstream {
+        status: parts.status,
+        headers: &parts.headers,
+        body,
+    };
+    let explanation = diagnose::explain(
+        config,
+        facts,
+        &upstream,
+        DenialId::random()?,
+        SystemTime::now(),
+    );
+    log_denial(&explanation, facts);
+
+    let format = Negotiated::from_accept(facts.accept.as_ref());
+    let rendered = render::render(&explanation.caller_view(), format);
+
+    let mut headers = parts.headers.clone();
+    for name in BODY_HEADERS {
+        headers.remove(*name);
+    }
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        DENIAL_ID_HEADER,
+        HeaderValue::from_str(explanation.denial_id.as_str())?,
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(rendered.len()));
+    if format == Negotiated::Html {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_str(&render::html_csp())?,
+        );
+    }
+    let varies_on_accept = headers.get_all(header::VARY).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim() == "*" || t.trim().eq_ignore_ascii_case("accept"))
+        })
+    });
+    if !varies_on_accept {
+        headers.append(header::VARY, HeaderValue::from_static("accept"));
+    }
+    let body = if facts.method == Method::HEAD {
+        Bytes::new()
+    } else {
+        Bytes::from(rendered)
+    };
+    Ok((headers, body))
+}
+
+fn log_denial(e: &Explanation, facts: &RequestFacts) {
+    tracing::info!(
+        target: "whydenied::denials",
+        denial_id = %e.denial_id,
+        status = e.status.as_u16(),
+        method = %facts.method,
+        path = %crate::escape::clean(facts.path(), crate::escape::MAX_REFLECTED_CHARS),
+        policy = e.policy.as_ref().map_or("", |p| p.id.as_str()),
+        cause = %e.top_cause(),
+        "denial explained"
+    );
+}

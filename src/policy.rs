@@ -1,0 +1,316 @@
+//! Compiled policies and how a denial is matched against them.
+//!
+//! Policies are tried in file order and the first whose conditions all hold
+//! is the one that explains the denial. Path and host globs of all policies
+//! are compiled into one [`GlobSet`] each, so a denial costs one glob pass for
+//! all policies, not one per policy.
+
+use std::net::IpAddr;
+
+use globset::{GlobMatcher, GlobSet};
+use http::{HeaderMap, HeaderName, Method, StatusCode};
+use ipnet::IpNet;
+use memchr::memmem;
+
+use crate::explanation::{Audience, CauseKind, Effort, Expose};
+use crate::facts::RequestFacts;
+use crate::template::Template;
+
+/// A remediation step of a policy.
+#[derive(Debug)]
+pub struct Step {
+    pub(crate) text: Template,
+    pub(crate) audience: Audience,
+    pub(crate) effort: Effort,
+}
+
+/// One compiled policy.
+#[derive(Debug)]
+pub struct Policy {
+    pub(crate) id: String,
+    pub(crate) title: Option<Template>,
+    pub(crate) cause: CauseKind,
+    pub(crate) detail: Option<Template>,
+    pub(crate) remediation: Vec<Step>,
+    pub(crate) owner: Option<String>,
+    pub(crate) contact: Option<String>,
+    pub(crate) docs: Option<String>,
+    pub(crate) expose: Expose,
+    pub(crate) conditions: Conditions,
+}
+
+impl Policy {
+    /// The policy's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The policy's cause.
+    pub fn cause(&self) -> CauseKind {
+        self.cause
+    }
+}
+
+/// A condition on a header's value.
+#[derive(Debug)]
+pub(crate) enum HeaderCond {
+    Present,
+    Absent,
+    Equals(Vec<u8>),
+    Glob(GlobMatcher),
+}
+
+impl HeaderCond {
+    fn holds(&self, value: Option<&http::HeaderValue>) -> bool {
+        match (self, value) {
+            (HeaderCond::Present, v) => v.is_some(),
+            (HeaderCond::Absent, v) => v.is_none(),
+            (HeaderCond::Equals(want), Some(v)) => v.as_bytes() == want.as_slice(),
+            (HeaderCond::Glob(glob), Some(v)) => {
+                glob.is_match(String::from_utf8_lossy(v.as_bytes()).as_ref())
+            }
+            (_, None) => false,
+        }
+    }
+}
+
+/// A condition on the upstream body prefix.
+#[derive(Debug)]
+pub(crate) enum BodyCond {
+    Contains(Box<memmem::Finder<'static>>),
+    Regex(regex::bytes::Regex),
+}
+
+/// What must hold for a policy to match. Empty lists mean "any".
+#[derive(Debug, Default)]
+pub(crate) struct Conditions {
+    pub(crate) has_path: bool,
+    pub(crate) has_host: bool,
+    pub(crate) methods: Vec<Method>,
+    /// Indices into the config's captured request headers.
+    pub(crate) request_headers: Vec<(usize, HeaderCond)>,
+    pub(crate) client_in: Vec<IpNet>,
+    pub(crate) client_not_in: Vec<IpNet>,
+    pub(crate) status: Vec<u16>,
+    pub(crate) response_headers: Vec<(HeaderName, HeaderCond)>,
+    pub(crate) body: Option<BodyCond>,
+}
+
+/// The upstream's answer, as far as matching needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct Upstream<'a> {
+    /// The status.
+    pub status: StatusCode,
+    /// The response headers.
+    pub headers: &'a HeaderMap,
+    /// The body prefix that was read (at most `max_body_kib`).
+    pub body: &'a [u8],
+}
+
+/// All policies of a config, in file order.
+#[derive(Debug, Default)]
+pub struct PolicySet {
+    pub(crate) policies: Vec<Policy>,
+    pub(crate) paths: GlobSet,
+    /// For each glob in `paths`, the index of its policy.
+    pub(crate) path_owner: Vec<usize>,
+    pub(crate) hosts: GlobSet,
+    pub(crate) host_owner: Vec<usize>,
+}
+
+impl PolicySet {
+    /// The number of policies.
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// The policies, in file order.
+    pub fn iter(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.iter()
+    }
+
+    /// The first policy whose conditions all hold.
+    pub fn first_match(
+        &self,
+        facts: &RequestFacts,
+        client_ip: Option<IpAddr>,
+        upstream: &Upstream<'_>,
+    ) -> Option<&Policy> {
+        if self.policies.is_empty() {
+            return None;
+        }
+        let path_hits = hits(&self.paths, &self.path_owner, facts.path(), self.len());
+        let host = facts
+            .host()
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_default();
+        let host_hits = hits(&self.hosts, &self.host_owner, &host, self.len());
+        self.policies.iter().enumerate().find_map(|(i, policy)| {
+            let c = &policy.conditions;
+            let holds = (!c.has_path || path_hits[i])
+                && (!c.has_host || host_hits[i])
+                && (c.status.is_empty() || c.status.contains(&upstream.status.as_u16()))
+                && (c.methods.is_empty() || c.methods.contains(facts.method()))
+                && c.request_headers
+                    .iter()
+                    .all(|(idx, cond)| cond.holds(facts.captured(*idx)))
+                && (c.client_in.is_empty()
+                    || client_ip.is_some_and(|ip| c.client_in.iter().any(|n| n.contains(&ip))))
+                && (c.client_not_in.is_empty()
+                    || client_ip
+                        .is_some_and(|ip| !c.client_not_in.iter().any(|n| n.contains(&ip))))
+                && c.response_headers
+                    .iter()
+                    .all(|(name, cond)| cond.holds(upstream.headers.get(name)))
+                && match &c.body {
+                    None => true,
+                    Some(BodyCond::Contains(finder)) => finder.find(upstream.body).is_some(),
+                    Some(BodyCond::Regex(re)) => re.is_match(upstream.body),
+                };
+            holds.then_some(policy)
+        })
+    }
+}
+
+/// Which policies have a glob in `set` matching `value`.
+fn hits(set: &GlobSet, owner: &[usize], value: &str, policies: usize) -> Vec<bool> {
+    let mut out = vec![false; policies];
+    if set.is_empty() {
+        return out;
+    }
+    for glob in set.matches(value) {
+        if let Some(&p) = owner.get(glob) {
+            out[p] = true;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::facts::ClientAddr;
+    use http::Request;
+
+    const POLICIES: &str = r#"
+intercept: [403, 429]
+networks: { office: [192.0.2.0/24] }
+policies:
+  - id: admin
+    match: { path: "/admin/**", methods: [GET, POST] }
+    cause: permission
+  - id: one-segment
+    match: { path: "/files/*" }
+    cause: permission
+  - id: debug-header
+    match: { headers: { x-debug: { present: true }, x-tenant: { glob: "acme-*" } } }
+    cause: policy_explicit_deny
+  - id: not-office
+    match: { client_not_in: [office], host: "*.internal.example" }
+    cause: ip_blocked
+  - id: s3
+    match: { response_headers: { server: { equals: AmazonS3 } }, body: { regex: "<Code>AccessDenied</Code>" } }
+    cause: permission
+  - id: rate
+    match: { status: [429] }
+    cause: rate_limited
+"#;
+
+    fn first(
+        req: Request<()>,
+        status: u16,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Option<String> {
+        let config = Config::from_yaml_str(POLICIES).unwrap();
+        let facts = RequestFacts::capture(&req, &config);
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let upstream = Upstream {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: &map,
+            body: body.as_bytes(),
+        };
+        let ip = facts.client_ip(&config);
+        config
+            .policies()
+            .first_match(&facts, ip, &upstream)
+            .map(|p| p.id().to_owned())
+    }
+
+    fn get(path: &str) -> Request<()> {
+        Request::get(path).body(()).unwrap()
+    }
+
+    #[test]
+    fn path_globs_and_methods() {
+        assert_eq!(
+            first(get("/admin/users/1"), 403, &[], ""),
+            Some("admin".into())
+        );
+        assert_eq!(first(get("/admin"), 403, &[], ""), Some("admin".into()));
+        let delete = Request::delete("/admin/x").body(()).unwrap();
+        assert_eq!(first(delete, 403, &[], ""), None);
+        assert_eq!(
+            first(get("/files/a"), 403, &[], ""),
+            Some("one-segment".into())
+        );
+        // `*` does not cross `/`.
+        assert_eq!(first(get("/files/a/b"), 403, &[], ""), None);
+    }
+
+    #[test]
+    fn request_headers_all_must_hold() {
+        let req = |tenant: &str| {
+            Request::get("/x")
+                .header("x-debug", "1")
+                .header("x-tenant", tenant)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            first(req("acme-eu"), 403, &[], ""),
+            Some("debug-header".into())
+        );
+        assert_eq!(first(req("globex"), 403, &[], ""), None);
+    }
+
+    #[test]
+    fn client_networks_and_hosts() {
+        let req = |peer: &str| {
+            let mut r = Request::get("/x")
+                .header("host", "db.internal.example:8443")
+                .body(())
+                .unwrap();
+            r.extensions_mut().insert(ClientAddr(peer.parse().unwrap()));
+            r
+        };
+        assert_eq!(
+            first(req("198.51.100.7:1"), 403, &[], ""),
+            Some("not-office".into())
+        );
+        assert_eq!(first(req("192.0.2.7:1"), 403, &[], ""), None);
+    }
+
+    #[test]
+    fn upstream_headers_body_and_status() {
+        let body = "<Error><Code>AccessDenied</Code></Error>";
+        assert_eq!(
+            first(get("/b/k"), 403, &[("server", "AmazonS3")], body),
+            Some("s3".into())
+        );
+        assert_eq!(first(get("/b/k"), 403, &[("server", "nginx")], body), None);
+        assert_eq!(first(get("/api"), 429, &[], ""), Some("rate".into()));
+    }
+}
