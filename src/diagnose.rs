@@ -60,7 +60,9 @@ pub fn explain(
     } else {
         Likelihood::High
     };
-    if !facts.has_credentials() {
+    // A caller named by the identity header was authenticated upstream of us,
+    // even if it sent nothing we recognise as credentials.
+    if !facts.has_credentials() && identity.as_ref().is_none_or(|i| i.unverified) {
         causes.push(Cause {
             cause: CauseKind::AuthenticationMissing,
             likelihood: secondary,

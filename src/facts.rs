@@ -49,8 +49,36 @@ impl RequestFacts {
     pub fn capture<B>(req: &Request<B>, config: &Config) -> Self {
         let headers = req.headers();
         let mut captured = [const { None }; MAX_CAPTURED_HEADERS];
-        for (slot, name) in captured.iter_mut().zip(config.captured_headers()) {
-            *slot = headers.get(name).cloned();
+        if !config.captured_headers().is_empty() {
+            for (slot, name) in captured.iter_mut().zip(config.captured_headers()) {
+                *slot = headers.get(name).cloned();
+            }
+        }
+        let mut host = None;
+        let mut accept = None;
+        let mut authorization = None;
+        let mut identity_header = None;
+        let mut forwarded_for = None;
+        let mut has_cookie = false;
+        let mut has_api_key = false;
+        let identity_name = config.identity_header();
+        let want_xff = config.has_trusted_proxies();
+        for (name, value) in headers {
+            if name == HOST {
+                host.get_or_insert_with(|| value.clone());
+            } else if name == ACCEPT {
+                accept.get_or_insert_with(|| value.clone());
+            } else if name == AUTHORIZATION {
+                authorization.get_or_insert_with(|| value.clone());
+            } else if name == COOKIE {
+                has_cookie = true;
+            } else if identity_name == Some(name) {
+                identity_header.get_or_insert_with(|| value.clone());
+            } else if want_xff && name.as_str() == "x-forwarded-for" {
+                forwarded_for.get_or_insert_with(|| value.clone());
+            } else if config.api_key_headers().contains(name) {
+                has_api_key = true;
+            }
         }
         let peer = req
             .extensions()
@@ -60,22 +88,13 @@ impl RequestFacts {
         Self {
             method: req.method().clone(),
             uri: req.uri().clone(),
-            host: headers.get(HOST).cloned(),
-            accept: headers.get(ACCEPT).cloned(),
-            authorization: headers.get(AUTHORIZATION).cloned(),
-            identity_header: config
-                .identity_header()
-                .and_then(|name| headers.get(name).cloned()),
-            forwarded_for: if config.has_trusted_proxies() {
-                headers.get("x-forwarded-for").cloned()
-            } else {
-                None
-            },
-            has_cookie: headers.contains_key(COOKIE),
-            has_api_key: config
-                .api_key_headers()
-                .iter()
-                .any(|name| headers.contains_key(name)),
+            host,
+            accept,
+            authorization,
+            identity_header,
+            forwarded_for,
+            has_cookie,
+            has_api_key,
             peer,
             captured,
         }

@@ -358,6 +358,10 @@ fn explained(
     parts: &http::response::Parts,
     body: &[u8],
 ) -> Result<(HeaderMap, Bytes), ExplainError> {
+    #[cfg(test)]
+    if tests::FAIL_NEXT.with(|f| f.replace(false)) {
+        panic!("injected failure");
+    }
     let Pending { config, facts } = pending;
     let upstream = Upstream {
         status: parts.status,
@@ -428,4 +432,81 @@ fn log_denial(e: &Explanation, facts: &RequestFacts) {
         cause = %e.top_cause(),
         "denial explained"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::convert::Infallible;
+
+    use http_body_util::{BodyExt, StreamBody};
+    use tower::{ServiceExt, service_fn};
+
+    use super::*;
+
+    thread_local! {
+        /// Makes the next explanation on this thread fail, to test the fallback.
+        pub(super) static FAIL_NEXT: Cell<bool> = const { Cell::new(false) };
+    }
+
+    type Chunks = StreamBody<
+        tokio_stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>,
+    >;
+
+    fn upstream_403() -> Response<Chunks> {
+        let frames: Vec<Result<http_body::Frame<Bytes>, Infallible>> = (0..40)
+            .map(|i| {
+                Ok(http_body::Frame::data(Bytes::from(
+                    format!("chunk {i:04} ").repeat(300),
+                )))
+            })
+            .collect();
+        Response::builder()
+            .status(403)
+            .header("etag", "\"v1\"")
+            .header("content-type", "text/plain")
+            .body(StreamBody::new(tokio_stream::iter(frames)))
+            .unwrap()
+    }
+
+    fn whole_upstream_body() -> Vec<u8> {
+        (0..40)
+            .flat_map(|i| format!("chunk {i:04} ").repeat(300).into_bytes())
+            .collect()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_explanation_passes_the_original_through() {
+        let svc =
+            ExplainLayer::new(Config::default()).layer(service_fn(|_req: Request<()>| async {
+                Ok::<_, Infallible>(upstream_403())
+            }));
+        FAIL_NEXT.with(|f| f.set(true));
+        let res = svc
+            .oneshot(Request::get("/x").body(()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 403);
+        assert!(!res.headers().contains_key(DENIAL_ID_HEADER));
+        assert_eq!(res.headers()["etag"], "\"v1\"");
+        assert_eq!(res.headers()["content-type"], "text/plain");
+        // More than max_body_kib was buffered before the failure: all of it,
+        // and the unread rest, arrive byte for byte.
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.as_ref(), whole_upstream_body().as_slice());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_same_response_is_explained_without_the_failure() {
+        let svc =
+            ExplainLayer::new(Config::default()).layer(service_fn(|_req: Request<()>| async {
+                Ok::<_, Infallible>(upstream_403())
+            }));
+        let res = svc
+            .oneshot(Request::get("/x").body(()).unwrap())
+            .await
+            .unwrap();
+        assert!(res.headers().contains_key(DENIAL_ID_HEADER));
+        assert!(!res.headers().contains_key("etag"));
+    }
 }
