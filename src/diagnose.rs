@@ -178,6 +178,46 @@ pub fn explain(
     explanation
 }
 
+/// An explanation of a failure of the proxy itself (the upstream did not
+/// answer, a request over a limit): not a denial, so no policy and no cause,
+/// and nothing internal such as the upstream's address.
+pub fn proxy_failure(
+    status: StatusCode,
+    denial_id: DenialId,
+    title: &str,
+    detail: &str,
+    caller_step: &str,
+    admin_step: Option<&str>,
+) -> Explanation {
+    let mut remediation = vec![Remediation {
+        step: caller_step.to_owned(),
+        audience: Audience::Caller,
+        effort: Effort::Easy,
+    }];
+    if let Some(step) = admin_step {
+        remediation.push(Remediation {
+            step: step.to_owned(),
+            audience: Audience::Admin,
+            effort: Effort::Medium,
+        });
+    }
+    Explanation {
+        denial_id,
+        status,
+        title: title.to_owned(),
+        detail: detail.to_owned(),
+        policy: None,
+        causes: Vec::new(),
+        remediation,
+        retry_after_seconds: None,
+        contact: None,
+        escalate: None,
+        expose: crate::explanation::Expose::Full,
+        identity: None,
+        client_ip: None,
+    }
+}
+
 /// The caller's identity: the configured header, else the configured claim of
 /// the bearer token (unverified).
 fn identity(config: &Config, facts: &RequestFacts) -> Option<Identity> {

@@ -54,7 +54,7 @@ use std::task::{Context, Poll, ready};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::HeaderMap;
 use http::{Method, Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
@@ -73,27 +73,6 @@ use crate::render;
 
 /// The header that carries the denial id.
 pub const DENIAL_ID_HEADER: &str = "x-denial-id";
-
-/// Upstream headers that describe the body being replaced, and so are dropped.
-const BODY_HEADERS: &[&str] = &[
-    "content-length",
-    "content-encoding",
-    "content-range",
-    "content-type",
-    "content-disposition",
-    "content-md5",
-    "content-digest",
-    "repr-digest",
-    "digest",
-    "etag",
-    "last-modified",
-    "transfer-encoding",
-    "trailer",
-    "cache-control",
-    "expires",
-    "content-security-policy",
-    "content-security-policy-report-only",
-];
 
 /// Explains intercepted responses of the wrapped service. See the [module docs](self).
 #[derive(Clone, Debug)]
@@ -376,43 +355,19 @@ fn explained(
         SystemTime::now(),
     );
     log_denial(&explanation, facts);
+    metrics::counter!(
+        "whydenied_denials_total",
+        "policy" => explanation.policy.as_ref().map_or_else(|| "none".to_owned(), |p| p.id.clone()),
+        "cause" => explanation.top_cause().as_str(),
+        "status" => explanation.status.as_str().to_owned(),
+    )
+    .increment(1);
 
     let format = Negotiated::from_accept(facts.accept.as_ref());
     let rendered = render::render(&explanation.caller_view(), format);
 
     let mut headers = parts.headers.clone();
-    for name in BODY_HEADERS {
-        headers.remove(*name);
-    }
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(format.content_type()),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    headers.insert(
-        DENIAL_ID_HEADER,
-        HeaderValue::from_str(explanation.denial_id.as_str())?,
-    );
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(rendered.len()));
-    if format == Negotiated::Html {
-        headers.insert(
-            header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_str(&render::html_csp())?,
-        );
-    }
-    let varies_on_accept = headers.get_all(header::VARY).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim() == "*" || t.trim().eq_ignore_ascii_case("accept"))
-        })
-    });
-    if !varies_on_accept {
-        headers.append(header::VARY, HeaderValue::from_static("accept"));
-    }
+    render::set_headers(&mut headers, format, &explanation.denial_id, rendered.len())?;
     let body = if facts.method == Method::HEAD {
         Bytes::new()
     } else {

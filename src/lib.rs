@@ -43,6 +43,8 @@ pub mod layer;
 pub mod negotiate;
 pub mod policy;
 pub mod render;
+#[cfg(feature = "sidecar")]
+pub mod sidecar;
 pub mod template;
 pub mod token;
 

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use globset::{GlobBuilder, GlobSetBuilder};
 use http::{HeaderName, Method, Uri};
@@ -11,8 +12,8 @@ use memchr::memmem;
 use serde_saphyr::{Location, Spanned};
 
 use super::error::{Located, suggest, with_suggestion};
-use super::raw::{RawBodyMatch, RawConfig, RawHeaderMatch, RawMatch, RawPolicy};
-use super::{Config, ConfigError, DEFAULT_MAX_BODY_KIB, StatusSet};
+use super::raw::{RawBodyMatch, RawConfig, RawHeaderMatch, RawLimits, RawMatch, RawPolicy};
+use super::{Config, ConfigError, DEFAULT_MAX_BODY_KIB, Limits, StatusSet};
 use crate::explanation::{Audience, CauseKind, Effort, Expose};
 use crate::facts::MAX_CAPTURED_HEADERS;
 use crate::policy::{BodyCond, Conditions, HeaderCond, Policy, PolicySet, Step};
@@ -187,6 +188,7 @@ pub(super) fn compile(text: &str, name: &str) -> Result<Config, ConfigError> {
         .as_ref()
         .map(|u| upstream_url(&ctx, u))
         .transpose()?;
+    let limits = limits(&ctx, raw.limits.as_ref())?;
 
     Ok(Config {
         intercept,
@@ -207,6 +209,7 @@ pub(super) fn compile(text: &str, name: &str) -> Result<Config, ConfigError> {
         listen,
         upstream,
         admin_listen,
+        limits,
         revision: revision(text),
     })
 }
@@ -626,6 +629,100 @@ fn upstream_url(ctx: &Ctx<'_>, value: &Spanned<String>) -> Result<Uri, ConfigErr
         ));
     }
     Ok(uri)
+}
+
+fn limits(ctx: &Ctx<'_>, raw: Option<&RawLimits>) -> Result<Limits, ConfigError> {
+    let mut l = Limits::default();
+    let Some(raw) = raw else {
+        return Ok(l);
+    };
+    let duration = |v: &Option<Spanned<String>>, field: &str, into: &mut Duration| {
+        if let Some(v) = v {
+            *into = parse_duration(&v.value).ok_or_else(|| {
+                ctx.err(
+                    &v.referenced,
+                    format!("`{field}` must be a duration between 1ms and 1 day, such as 250ms, 10s, 5m or 1h"),
+                )
+            })?;
+        }
+        Ok::<_, ConfigError>(())
+    };
+    duration(
+        &raw.header_read_timeout,
+        "header_read_timeout",
+        &mut l.header_read_timeout,
+    )?;
+    duration(
+        &raw.upstream_connect_timeout,
+        "upstream_connect_timeout",
+        &mut l.upstream_connect_timeout,
+    )?;
+    duration(
+        &raw.upstream_response_timeout,
+        "upstream_response_timeout",
+        &mut l.upstream_response_timeout,
+    )?;
+    duration(&raw.idle_timeout, "idle_timeout", &mut l.idle_timeout)?;
+    duration(&raw.shutdown_grace, "shutdown_grace", &mut l.shutdown_grace)?;
+    let count = |v: &Option<Spanned<u32>>, field: &str, min: u32, max: u32, into: &mut usize| {
+        if let Some(v) = v {
+            if !(min..=max).contains(&v.value) {
+                return Err(ctx.err(
+                    &v.referenced,
+                    format!(
+                        "`{field}` is {}; it must be between {min} and {max}",
+                        v.value
+                    ),
+                ));
+            }
+            *into = v.value as usize;
+        }
+        Ok(())
+    };
+    count(
+        &raw.max_header_bytes,
+        "max_header_bytes",
+        8192,
+        1 << 20,
+        &mut l.max_header_bytes,
+    )?;
+    count(&raw.max_headers, "max_headers", 8, 1000, &mut l.max_headers)?;
+    count(
+        &raw.max_uri_bytes,
+        "max_uri_bytes",
+        256,
+        1 << 20,
+        &mut l.max_uri_bytes,
+    )?;
+    count(
+        &raw.max_connections,
+        "max_connections",
+        1,
+        1 << 20,
+        &mut l.max_connections,
+    )?;
+    if let Some(v) = &raw.max_request_body_bytes {
+        l.max_request_body_bytes = Some(v.value);
+    }
+    Ok(l)
+}
+
+/// `250ms`, `10s`, `5m`, `1h`, between 1 ms and one day.
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        _ => return None,
+    };
+    (Duration::from_millis(1)..=Duration::from_secs(86_400))
+        .contains(&d)
+        .then_some(d)
 }
 
 /// A spanned copy of a map key, located at its value (keys carry no span).

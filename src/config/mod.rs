@@ -12,11 +12,14 @@ pub mod raw;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{HeaderName, StatusCode, Uri};
 use ipnet::IpNet;
 
+#[cfg(test)]
+pub(crate) use compile::parse_duration;
 pub(crate) use error::suggest;
 pub use error::{ConfigError, Located};
 
@@ -44,7 +47,50 @@ pub struct Config {
     pub(crate) listen: Option<SocketAddr>,
     pub(crate) upstream: Option<Uri>,
     pub(crate) admin_listen: Option<SocketAddr>,
+    pub(crate) limits: Limits,
     pub(crate) revision: String,
+}
+
+/// Limits and timeouts of the sidecar proxy (see the config reference).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Time a client has to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Largest request head in bytes.
+    pub max_header_bytes: usize,
+    /// Most request headers.
+    pub max_headers: usize,
+    /// Longest request target in bytes.
+    pub max_uri_bytes: usize,
+    /// Largest request body in bytes, if limited.
+    pub max_request_body_bytes: Option<u64>,
+    /// Time to connect to the upstream.
+    pub upstream_connect_timeout: Duration,
+    /// Time for the upstream's response headers.
+    pub upstream_response_timeout: Duration,
+    /// Idle connection lifetime.
+    pub idle_timeout: Duration,
+    /// Most client connections at once.
+    pub max_connections: usize,
+    /// Grace period for in-flight requests at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_uri_bytes: 8 * 1024,
+            max_request_body_bytes: None,
+            upstream_connect_timeout: Duration::from_secs(5),
+            upstream_response_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
 }
 
 impl Default for Config {
@@ -69,6 +115,7 @@ fn unreachable_default() -> Config {
         listen: None,
         upstream: None,
         admin_listen: None,
+        limits: Limits::default(),
         revision: String::new(),
     }
 }
@@ -149,6 +196,11 @@ impl Config {
     /// Sidecar: the admin listener address, if set.
     pub fn admin_listen(&self) -> Option<SocketAddr> {
         self.admin_listen
+    }
+
+    /// Sidecar: limits and timeouts.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     pub(crate) fn captured_headers(&self) -> &[HeaderName] {

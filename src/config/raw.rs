@@ -64,6 +64,63 @@ pub struct RawConfig {
     /// The policies, matched in file order; the first match explains the denial.
     #[serde(default)]
     pub policies: Vec<RawPolicy>,
+    /// Sidecar only: limits and timeouts of the proxy.
+    #[serde(default)]
+    pub limits: Option<RawLimits>,
+}
+
+/// Limits and timeouts of the sidecar proxy. Durations are written like
+/// `250ms`, `10s`, `5m`, `1h`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(JsonSchema))]
+pub struct RawLimits {
+    /// Time a client has to send a request's headers (against slowloris).
+    /// Default `10s`.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
+    pub header_read_timeout: Option<S<String>>,
+    /// Largest request head (request line and headers) in bytes; larger gets
+    /// 431. Default 32768, at least 8192.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<u32>"))]
+    pub max_header_bytes: Option<S<u32>>,
+    /// Most request headers; more gets 431. Default 100.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<u32>"))]
+    pub max_headers: Option<S<u32>>,
+    /// Longest request target in bytes; longer gets 414. Default 8192.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<u32>"))]
+    pub max_uri_bytes: Option<S<u32>>,
+    /// Largest request body in bytes; larger gets 413. Default: no limit.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<u64>"))]
+    pub max_request_body_bytes: Option<S<u64>>,
+    /// Time to connect to the upstream; then 502. Default `5s`.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
+    pub upstream_connect_timeout: Option<S<String>>,
+    /// Time for the upstream to send its response headers; then 504.
+    /// Default `60s`.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
+    pub upstream_response_timeout: Option<S<String>>,
+    /// How long an idle connection is kept, to the client and to the
+    /// upstream. Default `60s`.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
+    pub idle_timeout: Option<S<String>>,
+    /// Most client connections open at once; more wait to be accepted.
+    /// Default 4096.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<u32>"))]
+    pub max_connections: Option<S<u32>>,
+    /// On SIGTERM or SIGINT, how long in-flight requests may take to finish.
+    /// Default `30s`.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
+    pub shutdown_grace: Option<S<String>>,
 }
 
 /// The sidecar's admin listener.

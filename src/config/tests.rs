@@ -211,3 +211,33 @@ fn too_many_captured_headers() {
             .contains("more than 8 distinct request headers")
     );
 }
+
+#[test]
+fn limits_and_durations() {
+    let c = Config::from_yaml_str(
+        "limits: { header_read_timeout: 250ms, upstream_response_timeout: 2m, max_headers: 50, max_request_body_bytes: 1048576 }\n",
+    )
+    .unwrap();
+    let l = c.limits();
+    assert_eq!(l.header_read_timeout, std::time::Duration::from_millis(250));
+    assert_eq!(
+        l.upstream_response_timeout,
+        std::time::Duration::from_secs(120)
+    );
+    assert_eq!(l.max_headers, 50);
+    assert_eq!(l.max_request_body_bytes, Some(1 << 20));
+    assert_eq!(l.max_connections, 4096);
+    assert_err(
+        "limits: { idle_timeout: 10 }\n",
+        1,
+        25,
+        "must be a duration",
+    );
+    assert_err("limits: { max_header_bytes: 100 }\n", 1, 29, "between 8192");
+    assert!(parse_duration("0s").is_none());
+    assert!(parse_duration("2d").is_none());
+    assert_eq!(
+        parse_duration("1h"),
+        Some(std::time::Duration::from_secs(3600))
+    );
+}

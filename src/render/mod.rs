@@ -8,7 +8,12 @@ mod html;
 mod json;
 mod text;
 
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue, InvalidHeaderValue};
+use http::{Response, StatusCode};
+
 use crate::explanation::{CauseKind, Explanation};
+use crate::id::DenialId;
 use crate::negotiate::Negotiated;
 
 pub use html::STYLE_CSP_HASH;
@@ -28,6 +33,102 @@ pub fn html_csp() -> String {
     format!(
         "default-src 'none'; style-src '{STYLE_CSP_HASH}'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
     )
+}
+
+/// Upstream headers that describe the body being replaced, and so are dropped
+/// from an explained response. Everything else the upstream sent is kept.
+const BODY_HEADERS: &[&str] = &[
+    "content-length",
+    "content-encoding",
+    "content-range",
+    "content-type",
+    "content-disposition",
+    "content-md5",
+    "content-digest",
+    "repr-digest",
+    "digest",
+    "etag",
+    "last-modified",
+    "transfer-encoding",
+    "trailer",
+    "cache-control",
+    "expires",
+    "content-security-policy",
+    "content-security-policy-report-only",
+];
+
+/// Turns `headers` (the upstream's) into those of an explained response of
+/// `body_len` bytes: drops what described the old body, then sets the type,
+/// length, `no-store`, `nosniff`, the denial id, the CSP of the HTML page and
+/// `Vary: accept`.
+pub fn set_headers(
+    headers: &mut HeaderMap,
+    format: Negotiated,
+    denial_id: &DenialId,
+    body_len: usize,
+) -> Result<(), InvalidHeaderValue> {
+    for name in BODY_HEADERS {
+        headers.remove(*name);
+    }
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        crate::DENIAL_ID_HEADER,
+        HeaderValue::from_str(denial_id.as_str())?,
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    if format == Negotiated::Html {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_str(&html_csp())?,
+        );
+    }
+    let varies_on_accept = headers.get_all(header::VARY).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim() == "*" || t.trim().eq_ignore_ascii_case("accept"))
+        })
+    });
+    if !varies_on_accept {
+        headers.append(header::VARY, HeaderValue::from_static("accept"));
+    }
+    Ok(())
+}
+
+/// A whole response for an explanation that whydenied makes itself (such as
+/// "the upstream did not answer"), negotiated on `accept`.
+pub fn response(
+    explanation: &Explanation,
+    accept: Option<&HeaderValue>,
+    head: bool,
+) -> Response<Bytes> {
+    let format = Negotiated::from_accept(accept);
+    let body = render(&explanation.caller_view(), format);
+    let mut res = Response::new(Bytes::new());
+    *res.status_mut() = explanation.status;
+    if set_headers(
+        res.headers_mut(),
+        format,
+        &explanation.denial_id,
+        body.len(),
+    )
+    .is_err()
+    {
+        // Only our own constant values go into these headers; this cannot happen.
+        *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        return res;
+    }
+    if !head {
+        *res.body_mut() = Bytes::from(body);
+    }
+    res
 }
 
 /// A cause named for people.

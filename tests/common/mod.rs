@@ -101,3 +101,6 @@ impl Body for EndlessBody {
         Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; 16 * 1024])))))
     }
 }
+
+#[cfg(feature = "sidecar")]
+pub mod upstream;

@@ -1,0 +1,274 @@
+//! Header hygiene at the proxy boundary, both directions: hop-by-hop headers
+//! and every header named in `Connection` are removed; the forwarding headers
+//! (`X-Forwarded-For`, `-Proto`, `-Host`, `Forwarded`) are set by us, and the
+//! incoming ones are believed only from a trusted proxy.
+//!
+//! Forwarding headers are set *after* hop-by-hop removal, so a client that
+//! sends `Connection: X-Forwarded-For` cannot strip them.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
+/// plus the non-standard ones that are still seen in the wild.
+/// (`Trailer` is not among them: it declares end-to-end trailer fields.)
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// At most this many tokens of `Connection` are honoured.
+const MAX_CONNECTION_TOKENS: usize = 32;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Whether `Connection` lists `token` (case-insensitively).
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .take(MAX_CONNECTION_TOKENS)
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// A request (or 101 response) that switches protocols: `Connection: upgrade`
+/// with an `Upgrade` header.
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+}
+
+/// Removes hop-by-hop headers and those named in `Connection`. With
+/// `keep_upgrade`, a real upgrade keeps `Connection: upgrade` and `Upgrade`.
+/// `TE: trailers` is kept on requests (it is end-to-end in effect).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .take(MAX_CONNECTION_TOKENS)
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let wants_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    let upgrade = if keep_upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    for name in &named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::UPGRADE, upgrade);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if wants_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// What the proxy knows about the hop it received a request on.
+pub struct Hop<'a> {
+    /// The peer that connected to us.
+    pub peer: SocketAddr,
+    /// Whether that peer is a trusted proxy.
+    pub trusted: bool,
+    /// The scheme the client used to reach us.
+    pub proto: &'a str,
+    /// The host the client asked for (the `Host` header or the authority).
+    pub host: Option<HeaderValue>,
+}
+
+/// Sets the forwarding headers for the upstream. From an untrusted peer, the
+/// incoming ones are discarded and replaced; from a trusted proxy, ours are
+/// appended to its chain.
+pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop<'_>) {
+    let peer_ip = crate::config::canonical(hop.peer.ip());
+    if !hop.trusted {
+        for name in [
+            &X_FORWARDED_FOR,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+            &header::FORWARDED,
+        ] {
+            headers.remove(name);
+        }
+    }
+    let previous_for = joined(headers, &X_FORWARDED_FOR);
+    let xff = match previous_for {
+        Some(chain) => format!("{chain}, {peer_ip}"),
+        None => peer_ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO)
+        && let Ok(v) = HeaderValue::from_str(hop.proto)
+    {
+        headers.insert(X_FORWARDED_PROTO, v);
+    }
+    if !headers.contains_key(&X_FORWARDED_HOST)
+        && let Some(host) = &hop.host
+    {
+        headers.insert(X_FORWARDED_HOST, host.clone());
+    }
+    let mut element = format!("for={}", forwarded_node(peer_ip));
+    let _ = write!(element, ";proto={}", hop.proto);
+    if let Some(host) = hop.host.as_ref().and_then(|h| h.to_str().ok())
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        let _ = write!(element, ";host=\"{host}\"");
+    }
+    let forwarded = match joined(headers, &header::FORWARDED) {
+        Some(chain) => format!("{chain}, {element}"),
+        None => element,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, v);
+    }
+}
+
+/// All values of a header joined with ", ", if any (and readable).
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.join(", "))
+}
+
+/// A node of `Forwarded` (RFC 7239): IPv6 addresses are quoted and bracketed.
+fn forwarded_node(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn removes_hop_by_hop_and_connection_named_headers() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic abc"),
+            ("upgrade", "websocket"),
+            ("te", "gzip, trailers"),
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret-hop",
+            "transfer-encoding",
+            "proxy-authorization",
+            "upgrade",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} kept");
+        }
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h.get_all("set-cookie").iter().count(), 2);
+    }
+
+    #[test]
+    fn keeps_a_real_upgrade() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    fn hop(peer: &str, trusted: bool) -> Hop<'static> {
+        Hop {
+            peer: peer.parse().unwrap(),
+            trusted,
+            proto: "http",
+            host: Some(HeaderValue::from_static("app.example.com")),
+        }
+    }
+
+    #[test]
+    fn untrusted_forwarding_headers_are_replaced() {
+        let mut h = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "for=6.6.6.6"),
+        ]);
+        set_forwarding(&mut h, &hop("203.0.113.5:4000", false));
+        assert_eq!(h["x-forwarded-for"], "203.0.113.5");
+        assert_eq!(h["x-forwarded-host"], "app.example.com");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(
+            h["forwarded"],
+            "for=203.0.113.5;proto=http;host=\"app.example.com\""
+        );
+    }
+
+    #[test]
+    fn trusted_chains_are_extended() {
+        let mut h = map(&[
+            ("x-forwarded-for", "198.51.100.1"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=198.51.100.1;proto=https"),
+        ]);
+        set_forwarding(&mut h, &hop("[::ffff:10.0.0.2]:4000", true));
+        assert_eq!(h["x-forwarded-for"], "198.51.100.1, 10.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert!(
+            h["forwarded"]
+                .to_str()
+                .unwrap()
+                .starts_with("for=198.51.100.1;proto=https, for=10.0.0.2;")
+        );
+        let mut h = HeaderMap::new();
+        set_forwarding(&mut h, &hop("[2001:db8::7]:1", false));
+        assert!(
+            h["forwarded"]
+                .to_str()
+                .unwrap()
+                .starts_with("for=\"[2001:db8::7]\"")
+        );
+    }
+}

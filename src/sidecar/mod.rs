@@ -1,0 +1,164 @@
+//! The sidecar: `whydenied serve`, a reverse proxy that wraps the explaining
+//! layer around one upstream, with an admin listener and live reload.
+//!
+//! The stack, outermost first: the accept loop ([`server`]) inserts the
+//! client address → [`crate::ExplainLayer`] explains denials → [`proxy`]
+//! forwards to the upstream with header hygiene ([`hop`]).
+
+pub mod admin;
+pub mod demo;
+pub mod hop;
+pub mod proxy;
+pub mod reload;
+pub mod server;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use http::Uri;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower_layer::Layer;
+
+use crate::config::{Config, ConfigHandle};
+use crate::layer::ExplainLayer;
+
+/// Default data listener.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// Default admin listener.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+
+/// What `start` needs; flags override the config file.
+pub struct Options {
+    /// The config.
+    pub config: Config,
+    /// The file it came from, for live reload.
+    pub config_path: Option<PathBuf>,
+    /// Overrides `listen`.
+    pub listen: Option<SocketAddr>,
+    /// Overrides `upstream`.
+    pub upstream: Option<Uri>,
+    /// Overrides `admin.listen`.
+    pub admin: Option<SocketAddr>,
+}
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No upstream in the config or on the command line.
+    #[error("no upstream: set `upstream: http://host:port` in the config or pass --upstream")]
+    NoUpstream,
+    /// The upstream is not a plain http:// URL.
+    #[error("upstream {0} is not supported: use an http://host:port URL")]
+    BadUpstream(String),
+    /// A listener could not be bound.
+    #[error(transparent)]
+    Bind(#[from] std::io::Error),
+}
+
+/// A started sidecar.
+pub struct Running {
+    /// Where the proxy listens.
+    pub addr: SocketAddr,
+    /// Where the admin listener listens.
+    pub admin_addr: SocketAddr,
+    /// The live config.
+    pub config: ConfigHandle,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    reloader: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting and lets in-flight requests finish (up to the grace
+    /// period), then returns.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(r) = self.reloader.take() {
+            r.abort();
+        }
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Binds the listeners and starts serving in the background.
+pub async fn start(options: Options) -> Result<Running, StartError> {
+    let upstream_uri = options
+        .upstream
+        .or_else(|| options.config.upstream().cloned())
+        .ok_or(StartError::NoUpstream)?;
+    if upstream_uri.scheme_str() != Some("http") {
+        return Err(StartError::BadUpstream(upstream_uri.to_string()));
+    }
+    let upstream = proxy::Upstream::from_uri(&upstream_uri)
+        .ok_or_else(|| StartError::BadUpstream(upstream_uri.to_string()))?;
+    let listen = options
+        .listen
+        .or(options.config.listen())
+        .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("a valid default address"));
+    let admin_listen = options
+        .admin
+        .or(options.config.admin_listen())
+        .unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("a valid default address"));
+    let limits = options.config.limits().clone();
+    let revision = options.config.revision().to_owned();
+
+    let data = server::bind(listen, "proxy").await?;
+    let admin_listener = server::bind(admin_listen, "admin listener").await?;
+    let addr = data.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let metrics = telemetry::metrics();
+    metrics::gauge!("whydenied_config_info", "revision" => revision.clone()).set(1.0);
+    let handle = ConfigHandle::new(options.config);
+    let service = ExplainLayer::with_handle(handle.clone())
+        .layer(proxy::Proxy::new(handle.clone(), upstream.clone()));
+    let admin = admin::Admin::new(handle.clone(), upstream, metrics);
+
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let data_task = tokio::spawn(server::serve(
+        data,
+        service,
+        server::ServeSettings {
+            limits: limits.clone(),
+            record_metrics: true,
+            name: "proxy",
+        },
+        until_stopped(stopped.clone()),
+    ));
+    let admin_task = tokio::spawn(server::serve(
+        admin_listener,
+        admin,
+        server::ServeSettings {
+            limits,
+            record_metrics: false,
+            name: "admin",
+        },
+        until_stopped(stopped),
+    ));
+    let reloader = options
+        .config_path
+        .map(|path| tokio::spawn(reload::Reloader::new(path, handle.clone()).run()));
+    tracing::info!(
+        target: "whydenied",
+        listen = %addr,
+        admin = %admin_addr,
+        upstream = %upstream_uri,
+        revision = %revision,
+        "whydenied is serving"
+    );
+    Ok(Running {
+        addr,
+        admin_addr,
+        config: handle,
+        stop,
+        tasks: vec![data_task, admin_task],
+        reloader,
+    })
+}

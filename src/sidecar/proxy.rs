@@ -1,0 +1,357 @@
+//! The inner service of the sidecar: forwards a request to the one upstream
+//! and streams the answer back. Bodies stream both ways; nothing is buffered
+//! here (the explaining layer around this service reads a denial's prefix).
+//!
+//! Failures of the proxy itself become explained responses in the negotiated
+//! format: 502 when the upstream refuses or drops the connection, 504 when it
+//! does not answer in time, 413/414 for requests over the limits.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::hop::{self, Hop};
+use crate::config::ConfigHandle;
+use crate::diagnose::proxy_failure;
+use crate::facts::ClientAddr;
+use crate::id::DenialId;
+
+type UpstreamClient = Client<HttpConnector, Limited<Incoming>>;
+
+/// Forwards requests to the upstream.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: UpstreamClient,
+    config: ConfigHandle,
+    upstream: Upstream,
+}
+
+/// Where requests go.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl Upstream {
+    /// From an `http://host:port` URL.
+    pub fn from_uri(uri: &Uri) -> Option<Self> {
+        Some(Self {
+            scheme: uri.scheme()?.clone(),
+            authority: uri.authority()?.clone(),
+        })
+    }
+
+    /// `host:port`, for reachability checks.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+}
+
+impl Proxy {
+    /// A proxy to `upstream`, with limits from the current config.
+    pub fn new(config: ConfigHandle, upstream: Upstream) -> Self {
+        let limits = config.load().limits().clone();
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(limits.upstream_connect_timeout));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(limits.idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                config,
+                upstream,
+            }),
+        }
+    }
+}
+
+pin_project! {
+    /// The body of a proxied response: the upstream's, or one we made.
+    #[project = ProxyBodyProj]
+    #[allow(missing_docs)]
+    pub enum ProxyBody {
+        /// Streamed from the upstream.
+        Upstream { #[pin] body: Incoming },
+        /// Made by the proxy (an explained failure).
+        Local { #[pin] body: Full<Bytes> },
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.project() {
+            ProxyBodyProj::Upstream { body } => body.poll_frame(cx),
+            ProxyBodyProj::Local { body } => body
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|never: Infallible| match never {}))),
+        }
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream { body } => body.is_end_stream(),
+            ProxyBody::Local { body } => body.is_end_stream(),
+        }
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream { body } => body.size_hint(),
+            ProxyBody::Local { body } => body.size_hint(),
+        }
+    }
+}
+
+impl Service<Request<Incoming>> for Proxy {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move { Ok(inner.forward(req).await) })
+    }
+}
+
+/// Why the upstream exchange failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    Refused,
+    Timeout,
+    BodyTooLarge,
+    UriTooLong,
+}
+
+impl Failure {
+    fn kind(self) -> &'static str {
+        match self {
+            Failure::Refused => "unreachable",
+            Failure::Timeout => "timeout",
+            Failure::BodyTooLarge => "body_too_large",
+            Failure::UriTooLong => "uri_too_long",
+        }
+    }
+}
+
+impl Inner {
+    async fn forward(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let config = self.config.load();
+        let limits = config.limits();
+        let accept = req.headers().get(header::ACCEPT).cloned();
+        let head = req.method() == http::Method::HEAD;
+        let fail = |f: Failure| failure(f, accept.as_ref(), head);
+
+        let target_len = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+        if target_len > limits.max_uri_bytes {
+            return fail(Failure::UriTooLong);
+        }
+        let declared_len = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let body_limit = limits.max_request_body_bytes;
+        if let (Some(limit), Some(len)) = (body_limit, declared_len)
+            && len > limit
+        {
+            return fail(Failure::BodyTooLarge);
+        }
+
+        let peer = req
+            .extensions()
+            .get::<ClientAddr>()
+            .map(|a| a.0)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let upgrading = hop::is_upgrade(req.headers());
+        let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+
+        let (mut parts, body) = req.into_parts();
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        hop::strip_hop_by_hop(&mut parts.headers, upgrading);
+        parts.headers.remove(header::EXPECT);
+        join_cookies(&mut parts.headers);
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(host) = &host
+        {
+            parts.headers.insert(header::HOST, host.clone());
+        }
+        hop::set_forwarding(
+            &mut parts.headers,
+            &Hop {
+                peer,
+                trusted: config.is_trusted_proxy(peer.ip()),
+                proto: "http",
+                host,
+            },
+        );
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let Ok(uri) = Uri::builder()
+            .scheme(self.upstream.scheme.clone())
+            .authority(self.upstream.authority.clone())
+            .path_and_query(path)
+            .build()
+        else {
+            return fail(Failure::UriTooLong);
+        };
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let limit = body_limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+        let outbound = Request::from_parts(parts, Limited::new(body, limit));
+
+        let response = tokio::time::timeout(
+            limits.upstream_response_timeout,
+            self.client.request(outbound),
+        )
+        .await;
+        let mut response = match response {
+            Err(_elapsed) => return fail(Failure::Timeout),
+            Ok(Err(e)) => return fail(classify(&e)),
+            Ok(Ok(response)) => response,
+        };
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await)
+                else {
+                    tracing::debug!(target: "whydenied", "an upgrade was not completed");
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(
+                    &mut TokioIo::new(client),
+                    &mut TokioIo::new(upstream),
+                )
+                .await;
+            });
+            let (mut parts, body) = response.into_parts();
+            hop::strip_hop_by_hop(&mut parts.headers, true);
+            return Response::from_parts(parts, ProxyBody::Upstream { body });
+        }
+
+        let (mut parts, body) = response.into_parts();
+        hop::strip_hop_by_hop(&mut parts.headers, false);
+        Response::from_parts(parts, ProxyBody::Upstream { body })
+    }
+}
+
+/// Over HTTP/1.1 there is one `Cookie` header; HTTP/2 may split it.
+fn join_cookies(headers: &mut http::HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().count() < 2 {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return Failure::BodyTooLarge;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return Failure::Timeout;
+        }
+        source = err.source();
+    }
+    Failure::Refused
+}
+
+fn failure(f: Failure, accept: Option<&HeaderValue>, head: bool) -> Response<ProxyBody> {
+    metrics::counter!("whydenied_upstream_errors_total", "kind" => f.kind()).increment(1);
+    let (status, title, detail, step, admin) = match f {
+        Failure::Refused => (
+            StatusCode::BAD_GATEWAY,
+            "The service did not answer",
+            "The service behind this proxy refused or dropped the connection, so your request got no answer.",
+            "Try again in a moment. If it keeps failing, report the denial id.",
+            Some("Check that the upstream service is running and accepting connections."),
+        ),
+        Failure::Timeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "The service did not answer in time",
+            "The service behind this proxy took too long to answer your request.",
+            "Try again in a moment. If it keeps failing, report the denial id.",
+            Some("Check the upstream service's latency and the proxy's upstream timeouts."),
+        ),
+        Failure::BodyTooLarge => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "The request body is too large",
+            "The request body is larger than this service accepts.",
+            "Send a smaller body, or split the upload.",
+            None,
+        ),
+        Failure::UriTooLong => (
+            StatusCode::URI_TOO_LONG,
+            "The request URL is too long",
+            "The request URL is longer than this service accepts.",
+            "Shorten the URL, for example by moving parameters into a request body.",
+            None,
+        ),
+    };
+    tracing::warn!(target: "whydenied", status = status.as_u16(), kind = f.kind(), "proxy failure");
+    let id = DenialId::random().unwrap_or_else(|_| DenialId::from_bytes([0; 16]));
+    let explanation = proxy_failure(status, id, title, detail, step, admin);
+    crate::render::response(&explanation, accept, head).map(|body| ProxyBody::Local {
+        body: Full::new(body),
+    })
+}

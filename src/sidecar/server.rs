@@ -1,0 +1,205 @@
+//! The accept loop shared by the data and admin listeners: HTTP/1.1 and h2c
+//! on one port, upgrades, the header limits and timeouts that hyper's
+//! defaults leave too loose, a cap on open connections, and graceful
+//! shutdown that lets in-flight requests finish within a grace period.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower_service::Service;
+
+use crate::config::Limits;
+use crate::facts::ClientAddr;
+
+/// How a listener serves.
+pub struct ServeSettings {
+    /// Limits of the data listener.
+    pub limits: Limits,
+    /// Whether to record per-request metrics (the data listener does).
+    pub record_metrics: bool,
+    /// A name for logs.
+    pub name: &'static str,
+}
+
+/// Serves `service` on `listener` until `shutdown` resolves, then waits for
+/// in-flight connections up to the grace period.
+pub async fn serve<S, B>(
+    listener: TcpListener,
+    service: S,
+    settings: ServeSettings,
+    shutdown: impl Future<Output = ()>,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limits = settings.limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    if limits.max_headers != 100 {
+        builder.http1().max_headers(limits.max_headers);
+    }
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(limits.idle_timeout))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(Some(256));
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let record = settings.record_metrics;
+    tokio::pin!(shutdown);
+
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly
+                    // rather than spin.
+                    tracing::warn!(target: "whydenied", listener = settings.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let per_request = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ClientAddr(peer));
+            let mut service = service.clone();
+            async move {
+                let start = record.then(Instant::now);
+                let response = service.call(req).await;
+                if let (Some(start), Ok(res)) = (start, &response) {
+                    record_request(res.status().as_u16(), start.elapsed());
+                }
+                response
+            }
+        });
+        let builder = builder.clone();
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), per_request)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        if record {
+            metrics::gauge!("whydenied_open_connections").increment(1.0);
+        }
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(target: "whydenied", peer = %peer, error = %e, "connection ended with an error");
+            }
+            if record {
+                metrics::gauge!("whydenied_open_connections").decrement(1.0);
+            }
+            drop(permit);
+        });
+    }
+
+    drop(listener);
+    tracing::info!(
+        target: "whydenied",
+        listener = settings.name,
+        grace_seconds = limits.shutdown_grace.as_secs_f64(),
+        "stopped accepting; waiting for in-flight requests"
+    );
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(target: "whydenied", listener = settings.name, "grace period over; closing the remaining connections");
+    }
+}
+
+fn record_request(status: u16, elapsed: Duration) {
+    let status = status_label(status);
+    metrics::counter!("whydenied_requests_total", "status" => status).increment(1);
+    metrics::histogram!("whydenied_request_duration_seconds").record(elapsed.as_secs_f64());
+}
+
+/// Status codes as static labels, so recording allocates nothing.
+fn status_label(status: u16) -> &'static str {
+    const KNOWN: &[(u16, &str)] = &[
+        (200, "200"),
+        (201, "201"),
+        (202, "202"),
+        (204, "204"),
+        (206, "206"),
+        (301, "301"),
+        (302, "302"),
+        (303, "303"),
+        (304, "304"),
+        (307, "307"),
+        (308, "308"),
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (405, "405"),
+        (409, "409"),
+        (413, "413"),
+        (414, "414"),
+        (429, "429"),
+        (431, "431"),
+        (451, "451"),
+        (500, "500"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+        (101, "101"),
+    ];
+    KNOWN
+        .iter()
+        .find(|(code, _)| *code == status)
+        .map(|(_, label)| *label)
+        .unwrap_or(match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        })
+}
+
+/// Binds a listener, with a clear error.
+pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr} for the {what}: {e}"),
+        )
+    })
+}

@@ -1,0 +1,576 @@
+//! The sidecar over real sockets on 127.0.0.1: a real upstream, the proxy
+//! started as it is in production, real clients.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::upstream;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use whydenied::Config;
+use whydenied::sidecar::{self, Running};
+
+/// A test's own guard against hanging forever; never a synchronisation.
+const GUARD: Duration = Duration::from_secs(30);
+
+async fn proxy(yaml: &str, upstream: SocketAddr) -> Running {
+    proxy_with_path(yaml, upstream, None).await
+}
+
+async fn proxy_with_path(
+    yaml: &str,
+    upstream: SocketAddr,
+    path: Option<std::path::PathBuf>,
+) -> Running {
+    sidecar::start(sidecar::Options {
+        config: Config::from_yaml_str(yaml).unwrap(),
+        config_path: path,
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        upstream: Some(format!("http://{upstream}").parse().unwrap()),
+        admin: Some("127.0.0.1:0".parse().unwrap()),
+    })
+    .await
+    .unwrap()
+}
+
+async fn send(
+    addr: SocketAddr,
+    req: Request<Full<Bytes>>,
+) -> http::Response<hyper::body::Incoming> {
+    common::send(addr, req).await
+}
+
+fn get(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
+    common::get(addr, path, &[])
+}
+
+#[tokio::test]
+async fn get_passes_through_byte_for_byte() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("", up).await;
+    let res = send(p.addr, get(p.addr, "/bytes")).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(!res.headers().contains_key("x-denial-id"));
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.as_ref(), upstream::megabyte().as_slice());
+}
+
+fn vm_hwm_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_streamed_100_mib_post_passes_without_buffering() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("", up).await;
+    let before = vm_hwm_kib();
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 1600; // 100 MiB
+    let chunk = Bytes::from((0..CHUNK).map(|i| (i % 253) as u8).collect::<Vec<_>>());
+    let mut expected_sum: u64 = 0xcbf2_9ce4_8422_2325;
+    for _ in 0..CHUNKS {
+        for b in chunk.iter() {
+            expected_sum ^= u64::from(*b);
+            expected_sum = expected_sum.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let frames = (0..CHUNKS).map({
+        let chunk = chunk.clone();
+        move |_| Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk.clone()))
+    });
+    let body = StreamBody::new(tokio_stream::iter(frames));
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("/upload")
+        .header("host", "app.example.com")
+        .body(body)
+        .unwrap();
+    let res = tokio::time::timeout(GUARD * 4, sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let v: serde_json::Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["len"], (CHUNK * CHUNKS) as u64);
+    assert_eq!(v["sum"], expected_sum);
+    let grown_mib = vm_hwm_kib().saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < 48,
+        "peak memory grew by {grown_mib} MiB for a 100 MiB body"
+    );
+}
+
+#[tokio::test]
+async fn several_set_cookie_headers_survive() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("", up).await;
+    let res = send(p.addr, get(p.addr, "/cookies")).await;
+    let cookies: Vec<_> = res.headers().get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; Path=/", "b=2; HttpOnly", "c=3; Secure"]);
+}
+
+async fn upstream_saw(addr: SocketAddr, req: Request<Full<Bytes>>) -> serde_json::Value {
+    let res = send(addr, req).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap()
+}
+
+#[tokio::test]
+async fn forwarding_headers_cannot_be_spoofed_or_stripped() {
+    let (up, _) = upstream::start().await;
+    // 127.0.0.1 is not trusted here: what the client claims is discarded.
+    let p = proxy("trusted_proxies: [10.0.0.0/8]\n", up).await;
+    let mut req = get(p.addr, "/echo-headers");
+    let h = req.headers_mut();
+    h.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
+    h.insert("forwarded", "for=6.6.6.6".parse().unwrap());
+    h.insert(
+        "connection",
+        "x-forwarded-for, forwarded, x-hop".parse().unwrap(),
+    );
+    h.insert("x-hop", "should not pass".parse().unwrap());
+    h.insert("keep-alive", "timeout=5".parse().unwrap());
+    let seen = upstream_saw(p.addr, req).await;
+    assert_eq!(seen["x-forwarded-for"], serde_json::json!(["127.0.0.1"]));
+    assert_eq!(seen["x-forwarded-proto"], serde_json::json!(["http"]));
+    assert!(
+        seen["forwarded"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("for=127.0.0.1;proto=http")
+    );
+    assert!(seen.get("x-hop").is_none());
+    assert!(seen.get("keep-alive").is_none());
+    assert_eq!(
+        seen["host"],
+        serde_json::json!([p.addr.to_string()]),
+        "Host is preserved"
+    );
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_chain_is_extended() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("trusted_proxies: [127.0.0.1]\n", up).await;
+    let mut req = get(p.addr, "/echo-headers");
+    req.headers_mut()
+        .insert("x-forwarded-for", "198.51.100.7".parse().unwrap());
+    let seen = upstream_saw(p.addr, req).await;
+    assert_eq!(
+        seen["x-forwarded-for"],
+        serde_json::json!(["198.51.100.7, 127.0.0.1"])
+    );
+}
+
+#[tokio::test]
+async fn h2c_clients_reach_an_http1_upstream() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("", up).await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("http://app.example.com/echo-headers")
+        .header("cookie", "a=1")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.version(), http::Version::HTTP_2);
+    let seen: serde_json::Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(seen["host"], serde_json::json!(["app.example.com"]));
+    assert_eq!(
+        seen["x-forwarded-host"],
+        serde_json::json!(["app.example.com"])
+    );
+}
+
+#[tokio::test]
+async fn denials_are_explained_through_the_proxy() {
+    let (up, _) = upstream::start().await;
+    let p = proxy(
+        "policies:\n  - id: upstream-deny\n    match: { path: /denied }\n    cause: permission\n    contact: ops@example.com\n",
+        up,
+    )
+    .await;
+    let res = send(p.addr, get(p.addr, "/denied")).await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert_eq!(res.headers()["www-authenticate"], "Bearer realm=\"t\"");
+    assert!(res.headers().contains_key("x-denial-id"));
+    let v: serde_json::Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["policy"]["id"], "upstream-deny");
+}
+
+#[tokio::test]
+async fn upstream_down_is_an_explained_502() {
+    // Bind, learn the port, close: nothing listens there any more.
+    let dead = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let p = proxy("", dead).await;
+    let res = send(
+        p.addr,
+        common::get(p.addr, "/x", &[("accept", "application/json")]),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    assert!(res.headers().contains_key("x-denial-id"));
+    let body =
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["title"], "The service did not answer");
+    assert!(
+        !body.contains(&dead.port().to_string()),
+        "the upstream address leaked: {body}"
+    );
+
+    let res = send(
+        p.addr,
+        common::get(p.addr, "/x", &[("accept", "text/html")]),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(res.headers()["content-type"], "text/html; charset=utf-8");
+}
+
+#[tokio::test]
+async fn a_slow_upstream_is_an_explained_504() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("limits: { upstream_response_timeout: 300ms }\n", up).await;
+    let res = tokio::time::timeout(GUARD, send(p.addr, get(p.addr, "/hang")))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(res.headers().contains_key("x-denial-id"));
+}
+
+#[tokio::test]
+async fn a_declared_oversized_body_is_413() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("limits: { max_request_body_bytes: 1024 }\n", up).await;
+    let req = Request::post(format!("http://{}/upload", p.addr))
+        .header("host", "x")
+        .body(Full::new(Bytes::from(vec![b'x'; 4096])))
+        .unwrap();
+    let res = send(p.addr, req).await;
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(GUARD, s.read(&mut buf)).await.unwrap() {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("limits: { max_header_bytes: 16384 }\n", up).await;
+    let big = "a".repeat(40 * 1024);
+    let req = format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n");
+    let head = raw_exchange(p.addr, req.as_bytes()).await;
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+}
+
+#[tokio::test]
+async fn too_many_headers_get_431() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("limits: { max_headers: 20 }\n", up).await;
+    let mut req = String::from("GET / HTTP/1.1\r\nhost: x\r\n");
+    for i in 0..50 {
+        req.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    let head = raw_exchange(p.addr, req.as_bytes()).await;
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+}
+
+#[tokio::test]
+async fn a_long_uri_gets_414() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("limits: { max_uri_bytes: 1024 }\n", up).await;
+    let res = send(p.addr, get(p.addr, &format!("/{}", "a".repeat(2000)))).await;
+    assert_eq!(res.status(), StatusCode::URI_TOO_LONG);
+}
+
+#[tokio::test]
+async fn slowloris_is_cut_off_at_the_header_timeout() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("limits: { header_read_timeout: 300ms }\n", up).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    // Half a request head, then nothing.
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: ")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let mut seen = Vec::new();
+    // The proxy must end the connection by itself (the guard only stops a hung test).
+    loop {
+        match tokio::time::timeout(GUARD, s.read(&mut buf)).await {
+            Err(_) => panic!("the connection was never closed"),
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn expect_100_continue_works() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("", up).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(GUARD, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let interim = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim}");
+    s.write_all(b"hello").await.unwrap();
+    let mut all = interim.into_bytes();
+    while !String::from_utf8_lossy(&all).contains("\"len\":5") {
+        let n = tokio::time::timeout(GUARD, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&all));
+        all.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&all).contains("HTTP/1.1 200 OK"));
+}
+
+#[tokio::test]
+async fn trailers_pass_through() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("", up).await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("http://x/trailers")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    let collected = res.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().unwrap()["x-checksum"], "abc123");
+    assert_eq!(collected.to_bytes(), "body before trailers");
+}
+
+#[tokio::test]
+async fn websocket_upgrades_pass_through() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("", up).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(GUARD, s.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "closed during the handshake");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for message in [&b"ping over the tunnel"[..], b"second message"] {
+        s.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(GUARD, s.read_exact(&mut echoed))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed, message);
+    }
+}
+
+#[tokio::test]
+async fn admin_listener_serves_health_readiness_and_metrics_only_there() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("", up).await;
+    let admin = p.admin_addr;
+    let res = send(admin, get(admin, "/healthz")).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = send(admin, get(admin, "/readyz")).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let _ = send(p.addr, get(p.addr, "/denied")).await;
+    let res = send(admin, get(admin, "/metrics")).await;
+    let text =
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    for name in [
+        "whydenied_requests_total",
+        "whydenied_denials_total",
+        "whydenied_request_duration_seconds_bucket",
+        "whydenied_config_info",
+        "whydenied_open_connections",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    // The data port proxies /metrics to the upstream instead of serving it.
+    let res = send(p.addr, get(p.addr, "/metrics")).await;
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "hello from upstream");
+}
+
+#[tokio::test]
+async fn readiness_fails_when_the_upstream_is_down() {
+    let dead = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let p = proxy("", dead).await;
+    let res = send(p.admin_addr, get(p.admin_addr, "/readyz")).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+fn titled(title: &str) -> String {
+    format!(
+        "policies:\n  - id: upstream-deny\n    title: {title}\n    match: {{ path: /denied }}\n    cause: permission\n"
+    )
+}
+
+async fn denial_title(addr: SocketAddr) -> String {
+    let res = send(addr, get(addr, "/denied")).await;
+    let v: serde_json::Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    v["title"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn reload_under_load_fails_no_request_and_bad_files_keep_the_old_config() {
+    let (up, _) = upstream::start().await;
+    let dir = std::env::temp_dir().join(format!("whydenied-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("whydenied.yaml");
+    std::fs::write(&path, titled("Version zero")).unwrap();
+    let p = proxy_with_path(&titled("Version zero"), up, None).await;
+    let reloader = sidecar::reload::Reloader::new(path.clone(), p.config.clone());
+    assert_eq!(denial_title(p.addr).await, "Version zero");
+
+    // Continuous load on keep-alive connections while the config is swapped.
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let done = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (addr, stop, done, failed) = (p.addr, stop.clone(), done.clone(), failed.clone());
+        clients.push(tokio::spawn(async move {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let stopped = stop.notified();
+            tokio::pin!(stopped);
+            for i in 0..100_000u32 {
+                let path = if i % 2 == 0 { "/ok" } else { "/denied" };
+                let req = Request::get(path).header("host", "x").body(Full::new(Bytes::new())).unwrap();
+                let fut = sender.send_request(req);
+                let ok = tokio::select! {
+                    _ = &mut stopped => break,
+                    res = fut => match res {
+                        Ok(r) => {
+                            let want = if i % 2 == 0 { StatusCode::OK } else { StatusCode::FORBIDDEN };
+                            let good = r.status() == want;
+                            good && r.into_body().collect().await.is_ok()
+                        }
+                        Err(_) => false,
+                    },
+                };
+                if !ok {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    for version in 1..=20 {
+        // Let some requests through between swaps.
+        let target = done.load(Ordering::SeqCst) + 20;
+        while done.load(Ordering::SeqCst) < target {
+            tokio::task::yield_now().await;
+        }
+        std::fs::write(&path, titled(&format!("Version {version}"))).unwrap();
+        assert!(reloader.reload("test"));
+    }
+    stop.notify_waiters();
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "requests failed during reloads"
+    );
+    assert!(done.load(Ordering::SeqCst) >= 400);
+    assert_eq!(denial_title(p.addr).await, "Version 20");
+
+    // A bad file: refused, the running config stays.
+    std::fs::write(&path, "policies:\n  - id: x\n    cause: nonsense\n").unwrap();
+    assert!(!reloader.reload("test"));
+    assert_eq!(denial_title(p.addr).await, "Version 20");
+    let res = send(p.admin_addr, get(p.admin_addr, "/metrics")).await;
+    let text =
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(
+        text.contains("whydenied_config_reloads_total{result=\"failed\"}"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
