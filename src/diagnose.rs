@@ -49,10 +49,21 @@ pub fn explain(
 
     let mut causes = Vec::new();
     if let Some(policy) = policy {
+        let mut evidence = format!(
+            "{} {} matched policy `{}`",
+            clean(facts.method().as_str(), 32),
+            clean(facts.path(), MAX_REFLECTED_CHARS),
+            policy.id
+        );
+        if !policy.conditions.described.is_empty() {
+            evidence.push_str(": ");
+            evidence.push_str(&policy.conditions.described.join("; "));
+        }
+        evidence.push('.');
         causes.push(Cause {
             cause: policy.cause,
             likelihood: Likelihood::High,
-            evidence: vec![format!("The request matched policy `{}`.", policy.id)],
+            evidence: vec![evidence],
         });
     }
     let secondary = if policy.is_some() {

@@ -94,6 +94,8 @@ pub(crate) struct Conditions {
     pub(crate) status: Vec<u16>,
     pub(crate) response_headers: Vec<(HeaderName, HeaderCond)>,
     pub(crate) body: Option<BodyCond>,
+    /// Each condition in words, for the evidence of a match.
+    pub(crate) described: Vec<String>,
 }
 
 /// The upstream's answer, as far as matching needs it.

@@ -114,11 +114,19 @@ fn kill(child: &Child, signal: &str) {
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_slow_response_complete() {
     let (up, state) = upstream::start().await;
+    let dir = std::env::temp_dir().join(format!("whydenied-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("whydenied.yaml");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/whydenied.yaml"),
+        &config,
+    )
+    .unwrap();
     let mut child = Command::new(BIN)
         .args([
             "serve",
             "--config",
-            "config/whydenied.yaml",
+            config.to_str().unwrap(),
             "--listen",
             "127.0.0.1:0",
             "--admin",
@@ -182,4 +190,5 @@ async fn sigterm_lets_an_in_flight_slow_response_complete() {
         .await
         .unwrap();
     assert!(!health.status.success(), "healthy after shutdown");
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -574,3 +574,35 @@ async fn reload_under_load_fails_no_request_and_bad_files_keep_the_old_config() 
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_configmap_style_symlink_swap_is_picked_up() {
+    use std::os::unix::fs::symlink;
+    let (up, _) = upstream::start().await;
+    let dir = std::env::temp_dir().join(format!("whydenied-cm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("..v1")).unwrap();
+    std::fs::write(dir.join("..v1/whydenied.yaml"), titled("From v1")).unwrap();
+    symlink("..v1", dir.join("..data")).unwrap();
+    symlink("..data/whydenied.yaml", dir.join("whydenied.yaml")).unwrap();
+    let p = proxy_with_path(&titled("From v1"), up, Some(dir.join("whydenied.yaml"))).await;
+    assert_eq!(denial_title(p.addr).await, "From v1");
+
+    // What the kubelet does: write a new version directory, then atomically
+    // replace the `..data` symlink.
+    std::fs::create_dir_all(dir.join("..v2")).unwrap();
+    std::fs::write(dir.join("..v2/whydenied.yaml"), titled("From v2")).unwrap();
+    symlink("..v2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+
+    // Wait for the observable effect (the watcher looks once a second).
+    tokio::time::timeout(GUARD, async {
+        while denial_title(p.addr).await != "From v2" {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the swapped config was never loaded");
+    std::fs::remove_dir_all(&dir).ok();
+}

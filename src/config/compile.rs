@@ -323,6 +323,98 @@ impl PolicyBuilder<'_> {
     fn conditions(&mut self, index: usize, m: &RawMatch) -> Result<Conditions, ConfigError> {
         let ctx = self.ctx;
         let mut c = Conditions::default();
+        let quoted = |items: &[String]| {
+            items
+                .iter()
+                .map(|i| format!("`{}`", crate::escape::clean(i, 120)))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        };
+        let names = |items: &[Spanned<String>]| {
+            items
+                .iter()
+                .map(|i| crate::escape::clean(&i.value, 64))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some(paths) = &m.path {
+            c.described.push(format!(
+                "the path matches {}",
+                quoted(paths.value.as_slice())
+            ));
+        }
+        if !m.methods.is_empty() {
+            c.described.push(format!(
+                "the method is one of {}",
+                names(&m.methods).to_ascii_uppercase()
+            ));
+        }
+        if let Some(hosts) = &m.host {
+            c.described.push(format!(
+                "the host matches {}",
+                quoted(hosts.value.as_slice())
+            ));
+        }
+        for (name, cond) in m.headers.iter().chain(&m.response_headers) {
+            let whose = if m.headers.contains_key(name) {
+                "the request header"
+            } else {
+                "the upstream's response header"
+            };
+            let name = crate::escape::clean(name, 64);
+            let what = match &cond.value {
+                RawHeaderMatch {
+                    present: Some(true),
+                    ..
+                }
+                | RawHeaderMatch {
+                    absent: Some(false),
+                    ..
+                } => "is present".to_owned(),
+                RawHeaderMatch {
+                    equals: Some(_), ..
+                } => "has the configured value".to_owned(),
+                RawHeaderMatch { glob: Some(g), .. } => {
+                    format!("matches `{}`", crate::escape::clean(g, 120))
+                }
+                _ => "is absent".to_owned(),
+            };
+            c.described.push(format!("{whose} `{name}` {what}"));
+        }
+        if !m.client_in.is_empty() {
+            c.described
+                .push(format!("the client address is in {}", names(&m.client_in)));
+        }
+        if !m.client_not_in.is_empty() {
+            c.described.push(format!(
+                "the client address is outside {}",
+                names(&m.client_not_in)
+            ));
+        }
+        if !m.status.is_empty() {
+            let codes: Vec<String> = m.status.iter().map(|s| s.value.to_string()).collect();
+            c.described
+                .push(format!("the status is {}", codes.join(" or ")));
+        }
+        if let Some(body) = &m.body {
+            c.described.push(match &body.value {
+                RawBodyMatch {
+                    contains: Some(t), ..
+                } => {
+                    format!(
+                        "the upstream's body contains `{}`",
+                        crate::escape::clean(t, 120)
+                    )
+                }
+                RawBodyMatch { regex: Some(r), .. } => {
+                    format!(
+                        "the upstream's body matches `{}`",
+                        crate::escape::clean(r, 120)
+                    )
+                }
+                _ => "the upstream's body matches".to_owned(),
+            });
+        }
         if let Some(paths) = &m.path {
             c.has_path = true;
             for pattern in paths.value.as_slice() {
