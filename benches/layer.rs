@@ -14,7 +14,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{Empty, Full};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use tower::{Layer, Service, service_fn};
 use whydenied::{Config, ExplainLayer};
@@ -53,8 +53,9 @@ fn fifty_policies() -> Config {
 }
 
 fn ok_service()
--> impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone {
-    service_fn(|_req: Request<()>| async {
+-> impl Service<Request<Empty<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone
+{
+    service_fn(|_req: Request<Empty<Bytes>>| async {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
             b"hello, world",
         ))))
@@ -62,8 +63,9 @@ fn ok_service()
 }
 
 fn denying_service()
--> impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone {
-    service_fn(|_req: Request<()>| async {
+-> impl Service<Request<Empty<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone
+{
+    service_fn(|_req: Request<Empty<Bytes>>| async {
         let mut res = Response::new(Full::new(Bytes::from_static(b"Forbidden")));
         *res.status_mut() = StatusCode::FORBIDDEN;
         Ok::<_, Infallible>(res)
@@ -74,7 +76,7 @@ fn denying_service()
 /// are slices of one shared read buffer, so cloning them is a reference-count
 /// increment (a request built from `&str`s would allocate on the first clone
 /// of each value, which no server-parsed request does).
-fn request(accept: &str) -> Request<()> {
+fn request(accept: &str) -> Request<Empty<Bytes>> {
     let fields = [
         ("host", "app.example.com"),
         ("accept", accept),
@@ -93,7 +95,7 @@ fn request(accept: &str) -> Request<()> {
     }
     let buffer = Bytes::from(raw);
     let _promote_to_shared = buffer.clone();
-    let mut req = Request::new(());
+    let mut req = Request::new(Empty::new());
     *req.uri_mut() = http::Uri::from_maybe_shared(buffer.slice(..path.len())).unwrap();
     for ((name, _), span) in fields.iter().zip(spans) {
         let value = http::HeaderValue::from_maybe_shared(buffer.slice(span)).unwrap();
@@ -123,7 +125,7 @@ fn pass_through(c: &mut Criterion) {
     group.finish();
 
     // Heap allocations per pass-through request, layer minus bare service.
-    let count = |svc: &mut dyn FnMut(Request<()>)| {
+    let count = |svc: &mut dyn FnMut(Request<Empty<Bytes>>)| {
         let requests: Vec<_> = (0..1000).map(|_| request("*/*")).collect();
         let region = Region::new(GLOBAL);
         for req in requests {

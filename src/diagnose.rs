@@ -229,6 +229,21 @@ pub fn proxy_failure(
     }
 }
 
+/// The caller's identity as an event records it.
+pub fn identity_record(
+    config: &Config,
+    facts: &RequestFacts,
+) -> Option<crate::events::IdentityRecord> {
+    identity(config, facts).map(|i| crate::events::IdentityRecord {
+        name: i.name,
+        source: if i.unverified {
+            "jwt_unverified"
+        } else {
+            "header"
+        },
+    })
+}
+
 /// The caller's identity: the configured header, else the configured claim of
 /// the bearer token (unverified).
 fn identity(config: &Config, facts: &RequestFacts) -> Option<Identity> {

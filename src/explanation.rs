@@ -20,6 +20,7 @@ macro_rules! vocabulary {
     ) => {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+        #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
         #[serde(rename_all = "snake_case")]
         pub enum $name { $(#[doc = concat!("`", $text, "`")] $variant),+ }
 
@@ -123,6 +124,7 @@ impl Likelihood {
 
 /// One likely reason for the denial, with what points to it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Cause {
     /// The cause, from the shared vocabulary.
     pub cause: CauseKind,

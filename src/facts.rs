@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::header::{ACCEPT, AUTHORIZATION, COOKIE, HOST};
+use http::header::{ACCEPT, AUTHORIZATION, COOKIE, HOST, USER_AGENT};
 use http::{HeaderValue, Method, Request, Uri};
 
 use crate::config::Config;
@@ -38,6 +38,7 @@ pub struct RequestFacts {
     pub(crate) authorization: Option<HeaderValue>,
     pub(crate) identity_header: Option<HeaderValue>,
     pub(crate) forwarded_for: Option<HeaderValue>,
+    pub(crate) user_agent: Option<HeaderValue>,
     pub(crate) has_cookie: bool,
     pub(crate) has_api_key: bool,
     pub(crate) peer: Option<SocketAddr>,
@@ -59,6 +60,7 @@ impl RequestFacts {
         let mut authorization = None;
         let mut identity_header = None;
         let mut forwarded_for = None;
+        let mut user_agent = None;
         let mut has_cookie = false;
         let mut has_api_key = false;
         let identity_name = config.identity_header();
@@ -70,6 +72,8 @@ impl RequestFacts {
                 accept.get_or_insert_with(|| value.clone());
             } else if name == AUTHORIZATION {
                 authorization.get_or_insert_with(|| value.clone());
+            } else if name == USER_AGENT {
+                user_agent.get_or_insert_with(|| value.clone());
             } else if name == COOKIE {
                 has_cookie = true;
             } else if identity_name == Some(name) {
@@ -93,6 +97,7 @@ impl RequestFacts {
             authorization,
             identity_header,
             forwarded_for,
+            user_agent,
             has_cookie,
             has_api_key,
             peer,

@@ -5,7 +5,7 @@
 //! use std::convert::Infallible;
 //! use bytes::Bytes;
 //! use http::{Request, Response, StatusCode};
-//! use http_body_util::{BodyExt, Full};
+//! use http_body_util::{BodyExt, Empty, Full};
 //! use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
 //! use whydenied::{Config, ExplainLayer};
 //!
@@ -20,7 +20,7 @@
 //!     contact: "#platform-help"
 //! "##)?;
 //!
-//! let app = service_fn(|req: Request<()>| async move {
+//! let app = service_fn(|req: Request<Empty<Bytes>>| async move {
 //!     let status = if req.uri().path().starts_with("/admin") {
 //!         StatusCode::FORBIDDEN
 //!     } else {
@@ -32,7 +32,7 @@
 //! });
 //! let mut svc = ServiceBuilder::new().layer(ExplainLayer::new(config)).service(app);
 //!
-//! let req = Request::get("/admin/users").header("cookie", "s=1").body(())?;
+//! let req = Request::get("/admin/users").header("cookie", "s=1").body(Empty::new())?;
 //! let res = svc.ready().await?.call(req).await?;
 //! assert_eq!(res.status(), StatusCode::FORBIDDEN); // the status never changes
 //! assert!(res.headers().contains_key("x-denial-id"));
@@ -64,12 +64,15 @@ use tower_service::Service;
 use crate::body::ExplainBody;
 use crate::config::{Config, ConfigHandle};
 use crate::diagnose;
-use crate::explanation::Explanation;
+use crate::events::EventSink;
+use crate::events::record::{Recorder, denial_event};
+use crate::explanation::EscalateLink;
 use crate::facts::RequestFacts;
 use crate::id::{DenialId, IdError};
 use crate::negotiate::Negotiated;
 use crate::policy::Upstream;
 use crate::render;
+use crate::selfservice;
 
 /// The header that carries the denial id.
 pub const DENIAL_ID_HEADER: &str = "x-denial-id";
@@ -78,6 +81,8 @@ pub const DENIAL_ID_HEADER: &str = "x-denial-id";
 #[derive(Clone, Debug)]
 pub struct ExplainLayer {
     config: ConfigHandle,
+    recorder: Arc<Recorder>,
+    trusted_identity_only: bool,
 }
 
 impl ExplainLayer {
@@ -88,7 +93,31 @@ impl ExplainLayer {
 
     /// A layer whose config can be replaced at run time through `handle`.
     pub fn with_handle(handle: ConfigHandle) -> Self {
-        Self { config: handle }
+        let recorder = Arc::new(Recorder::new(&handle.load()));
+        Self {
+            config: handle,
+            recorder,
+            trusted_identity_only: false,
+        }
+    }
+
+    /// Also sends every event (denials and escalations) to `sink`. Its `emit`
+    /// runs on the request path: it must queue and return.
+    pub fn with_event_sink(self, sink: Arc<dyn EventSink>) -> Self {
+        self.recorder.add_sink(sink);
+        self
+    }
+
+    /// Believe the identity header only from `trusted_proxies` (the sidecar
+    /// does this; an embedding app decides itself and believes it always).
+    pub fn identity_from_trusted_proxies_only(mut self, yes: bool) -> Self {
+        self.trusted_identity_only = yes;
+        self
+    }
+
+    /// Recent denials and the escalation state (for a lookup endpoint).
+    pub fn recorder(&self) -> &Arc<Recorder> {
+        &self.recorder
     }
 
     /// The handle to the layer's config, to replace it while running.
@@ -104,6 +133,8 @@ impl<S> Layer<S> for ExplainLayer {
         Explain {
             inner,
             config: self.config.clone(),
+            recorder: self.recorder.clone(),
+            trusted_identity_only: self.trusted_identity_only,
         }
     }
 }
@@ -113,6 +144,8 @@ impl<S> Layer<S> for ExplainLayer {
 pub struct Explain<S> {
     inner: S,
     config: ConfigHandle,
+    recorder: Arc<Recorder>,
+    trusted_identity_only: bool,
 }
 
 impl<S> Explain<S> {
@@ -140,6 +173,9 @@ impl<S> Explain<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Explain<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: std::fmt::Display,
     ResBody: Body<Data = Bytes>,
 {
     type Response = Response<ExplainBody<ResBody>>;
@@ -153,11 +189,44 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let config = self.config.load();
-        let facts = RequestFacts::capture(&req, &config);
+        let mut facts = RequestFacts::capture(&req, &config);
+        if self.trusted_identity_only
+            && facts.identity_header.is_some()
+            && !facts.peer.is_some_and(|p| config.is_trusted_proxy(p.ip()))
+        {
+            facts.identity_header = None;
+        }
+        if let Some(settings) = &config.events().self_service
+            && req.method() == Method::POST
+            && let Some(id) = selfservice::escalate_target(req.uri().path(), &settings.prefix)
+        {
+            let identity = diagnose::identity_record(&config, &facts);
+            let handling = selfservice::handle(
+                config.clone(),
+                self.recorder.clone(),
+                facts,
+                identity,
+                id,
+                req,
+            );
+            return ResponseFuture {
+                inner: None,
+                pending: None,
+                collecting: None,
+                local: Some(Box::pin(async move {
+                    handling.await.map(ExplainBody::explained)
+                })),
+            };
+        }
         ResponseFuture {
-            inner: self.inner.call(req),
-            pending: Some(Pending { config, facts }),
+            inner: Some(self.inner.call(req)),
+            pending: Some(Pending {
+                config,
+                facts,
+                recorder: self.recorder.clone(),
+            }),
             collecting: None,
+            local: None,
         }
     }
 }
@@ -166,15 +235,20 @@ where
 struct Pending {
     config: Arc<Config>,
     facts: RequestFacts,
+    recorder: Arc<Recorder>,
 }
+
+/// A response whydenied makes itself (self-service escalation).
+type Local<B> = Pin<Box<dyn Future<Output = Response<ExplainBody<B>>> + Send>>;
 
 pin_project! {
     /// The response future of [`Explain`].
     pub struct ResponseFuture<F, B: Body> {
         #[pin]
-        inner: F,
+        inner: Option<F>,
         pending: Option<Pending>,
         collecting: Option<Box<Collecting<B>>>,
+        local: Option<Local<B>>,
     }
 }
 
@@ -187,8 +261,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        if let Some(local) = this.local.as_mut() {
+            return local.as_mut().poll(cx).map(Ok);
+        }
         if this.collecting.is_none() {
-            let response = ready!(this.inner.poll(cx))?;
+            let Some(inner) = this.inner.as_pin_mut() else {
+                return Poll::Pending;
+            };
+            let response = ready!(inner.poll(cx))?;
             let intercept = this
                 .pending
                 .as_ref()
@@ -341,20 +421,24 @@ fn explained(
     if tests::FAIL_NEXT.with(|f| f.replace(false)) {
         panic!("injected failure");
     }
-    let Pending { config, facts } = pending;
+    let Pending {
+        config,
+        facts,
+        recorder,
+    } = pending;
     let upstream = Upstream {
         status: parts.status,
         headers: &parts.headers,
         body,
     };
-    let explanation = diagnose::explain(
-        config,
-        facts,
-        &upstream,
-        DenialId::random()?,
-        SystemTime::now(),
-    );
-    log_denial(&explanation, facts);
+    let now = SystemTime::now();
+    let mut explanation = diagnose::explain(config, facts, &upstream, DenialId::random()?, now);
+    if let Some(settings) = &config.events().self_service {
+        explanation.escalate = Some(EscalateLink {
+            href: selfservice::link(settings, &explanation.denial_id),
+            method: "POST",
+        });
+    }
     metrics::counter!(
         "whydenied_denials_total",
         "policy" => explanation.policy.as_ref().map_or_else(|| "none".to_owned(), |p| p.id.clone()),
@@ -373,20 +457,17 @@ fn explained(
     } else {
         Bytes::from(rendered)
     };
-    Ok((headers, body))
-}
-
-fn log_denial(e: &Explanation, facts: &RequestFacts) {
-    tracing::info!(
-        target: "whydenied::denials",
-        denial_id = %e.denial_id,
-        status = e.status.as_u16(),
-        method = %facts.method,
-        path = %crate::escape::clean(facts.path(), crate::escape::MAX_REFLECTED_CHARS),
-        policy = e.policy.as_ref().map_or("", |p| p.id.as_str()),
-        cause = %e.top_cause(),
-        "denial explained"
+    let event = denial_event(
+        config,
+        facts,
+        &explanation,
+        &parts.headers,
+        upstream.body,
+        now,
     );
+    let policy_title = explanation.policy.as_ref().map(|p| p.title.as_str());
+    recorder.denial(config, event, facts.path(), policy_title);
+    Ok((headers, body))
 }
 
 #[cfg(test)]
@@ -394,7 +475,7 @@ mod tests {
     use std::cell::Cell;
     use std::convert::Infallible;
 
-    use http_body_util::{BodyExt, StreamBody};
+    use http_body_util::{BodyExt, Empty, StreamBody};
     use tower::{ServiceExt, service_fn};
 
     use super::*;
@@ -432,13 +513,12 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_failed_explanation_passes_the_original_through() {
-        let svc =
-            ExplainLayer::new(Config::default()).layer(service_fn(|_req: Request<()>| async {
-                Ok::<_, Infallible>(upstream_403())
-            }));
+        let svc = ExplainLayer::new(Config::default()).layer(service_fn(
+            |_req: Request<Empty<Bytes>>| async { Ok::<_, Infallible>(upstream_403()) },
+        ));
         FAIL_NEXT.with(|f| f.set(true));
         let res = svc
-            .oneshot(Request::get("/x").body(()).unwrap())
+            .oneshot(Request::get("/x").body(Empty::new()).unwrap())
             .await
             .unwrap();
         assert_eq!(res.status(), 403);
@@ -453,12 +533,11 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn the_same_response_is_explained_without_the_failure() {
-        let svc =
-            ExplainLayer::new(Config::default()).layer(service_fn(|_req: Request<()>| async {
-                Ok::<_, Infallible>(upstream_403())
-            }));
+        let svc = ExplainLayer::new(Config::default()).layer(service_fn(
+            |_req: Request<Empty<Bytes>>| async { Ok::<_, Infallible>(upstream_403()) },
+        ));
         let res = svc
-            .oneshot(Request::get("/x").body(()).unwrap())
+            .oneshot(Request::get("/x").body(Empty::new()).unwrap())
             .await
             .unwrap();
         assert!(res.headers().contains_key(DENIAL_ID_HEADER));

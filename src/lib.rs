@@ -35,7 +35,9 @@
 pub mod body;
 pub mod config;
 pub mod diagnose;
+pub mod escalation;
 pub mod escape;
+pub mod events;
 pub mod explanation;
 pub mod facts;
 pub mod id;
@@ -43,6 +45,7 @@ pub mod layer;
 pub mod negotiate;
 pub mod policy;
 pub mod render;
+pub mod selfservice;
 #[cfg(feature = "sidecar")]
 pub mod sidecar;
 pub mod template;

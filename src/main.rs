@@ -21,6 +21,12 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum SchemaOf {
+    Config,
+    Events,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Json,
     Pretty,
@@ -74,8 +80,23 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Print the JSON Schema of the config file.
-    Schema,
+    /// Print the JSON Schema of the config file, or of the events.
+    Schema {
+        /// `config` or `events`.
+        #[arg(default_value = "config")]
+        of: SchemaOf,
+    },
+    /// Print a recent denial, looked up by its id on the admin listener.
+    Lookup {
+        /// The denial id (from `x-denial-id` or the caller's page).
+        id: String,
+        /// The admin listener's URL.
+        #[arg(long, default_value = "http://127.0.0.1:9901")]
+        admin: Uri,
+        /// Print the raw JSON event instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Exit 0 if the admin listener says healthy (for container health checks).
     Health {
         /// The admin listener's URL.
@@ -90,9 +111,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { config } => check(&config),
-        Command::Schema => {
-            println!("{}", schema());
+        Command::Schema { of } => {
+            println!("{}", schema(of));
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Lookup { id, admin, json } => {
+            runtime().and_then(|rt| rt.block_on(lookup(&id, admin, json)))
         }
         Command::Health { admin } => runtime().and_then(|rt| rt.block_on(health(admin))),
         Command::Serve {
@@ -169,8 +193,11 @@ fn check(path: &PathBuf) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn schema() -> String {
-    let schema = schemars::schema_for!(whydenied::config::raw::RawConfig);
+fn schema(of: SchemaOf) -> String {
+    let schema = match of {
+        SchemaOf::Config => schemars::schema_for!(whydenied::config::raw::RawConfig),
+        SchemaOf::Events => schemars::schema_for!(whydenied::events::AnyEvent),
+    };
     serde_json::to_string_pretty(&schema).unwrap_or_default()
 }
 
@@ -284,6 +311,98 @@ Admin listener: http://{admin}/healthz  http://{admin}/readyz  http://{admin}/me
 Press Ctrl-C to stop.
 "#
     );
+}
+
+/// GET `path` from the admin listener: (status, body).
+async fn admin_get(admin: &Uri, path: &str) -> anyhow::Result<(http::StatusCode, bytes::Bytes)> {
+    use http_body_util::BodyExt as _;
+    let authority = admin
+        .authority()
+        .context("--admin must be a URL such as http://127.0.0.1:9901")?
+        .as_str()
+        .to_owned();
+    let attempt = async {
+        let stream = tokio::net::TcpStream::connect(&authority).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header(http::header::HOST, authority.as_str())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let res = sender.send_request(req).await?;
+        let status = res.status();
+        let body = http_body_util::Limited::new(res.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .to_bytes();
+        anyhow::Ok((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(3), attempt)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {authority} within 3 seconds"))?
+}
+
+async fn lookup(id: &str, admin: Uri, json: bool) -> anyhow::Result<ExitCode> {
+    if whydenied::DenialId::parse(id).is_none() {
+        eprintln!(
+            "`{}` is not a denial id (22 characters of A-Z, a-z, 0-9, - and _)",
+            whydenied::escape::clean(id, 64)
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let (status, body) = admin_get(&admin, &format!("/denials/{id}")).await?;
+    if !status.is_success() {
+        eprintln!("{}", String::from_utf8_lossy(&body).trim_end());
+        return Ok(ExitCode::FAILURE);
+    }
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&body).context("the admin listener sent no JSON")?;
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+    println!("Denial {}", s(&v["denial_id"]));
+    println!("  when:      {}", s(&v["ts"]));
+    println!(
+        "  request:   {} {} (host {})",
+        s(&v["method"]),
+        s(&v["url"]),
+        s(&v["host"])
+    );
+    println!("  status:    {}", v["status"]);
+    println!(
+        "  caller:    {} from {}",
+        v["identity"]["name"]
+            .as_str()
+            .map_or("unknown".to_owned(), |n| {
+                format!("{n} ({})", s(&v["identity"]["source"]))
+            }),
+        v["client_ip"].as_str().unwrap_or("an unknown address")
+    );
+    println!("  agent:     {}", s(&v["user_agent"]));
+    match v["policy"]["id"].as_str() {
+        Some(p) => println!("  policy:    {p} ({})", s(&v["policy"]["title"])),
+        None => println!("  policy:    none matched"),
+    }
+    println!("  causes:");
+    for c in v["causes"].as_array().into_iter().flatten() {
+        println!("    - {} ({})", s(&c["cause"]), s(&c["likelihood"]));
+        for e in c["evidence"].as_array().into_iter().flatten() {
+            println!("        {}", s(e));
+        }
+    }
+    println!("  upstream:  {}", v["upstream"]["status"]);
+    for h in v["upstream"]["headers"].as_array().into_iter().flatten() {
+        println!("    {}: {}", s(&h[0]), s(&h[1]));
+    }
+    let excerpt = s(&v["upstream"]["body_excerpt"]);
+    if !excerpt.is_empty() {
+        println!("  body:      {excerpt}");
+    }
+    println!("  config:    revision {}", s(&v["config_revision"]));
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn health(admin: Uri) -> anyhow::Result<ExitCode> {

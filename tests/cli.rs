@@ -81,6 +81,23 @@ fn the_committed_schema_is_current() {
     );
     assert!(printed["properties"]["policies"].is_object());
     assert!(printed["properties"]["limits"].is_object());
+    assert!(printed["properties"]["escalation"].is_object());
+    let out = run(&["schema", "events"]);
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let committed: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/events.schema.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        printed, committed,
+        "run `whydenied schema events > config/events.schema.json`"
+    );
+    assert!(printed["$defs"]["DenialEvent"].is_object());
+    assert!(printed["$defs"]["EscalationEvent"].is_object());
 }
 
 /// Reads the child's JSON log lines until one has this message.

@@ -189,6 +189,13 @@ pub(super) fn compile(text: &str, name: &str) -> Result<Config, ConfigError> {
         .map(|u| upstream_url(&ctx, u))
         .transpose()?;
     let limits = limits(&ctx, raw.limits.as_ref())?;
+    let report = |at: &Location, message: String| ctx.err(at, message);
+    let events = super::events::compile(
+        raw.events.as_ref(),
+        &raw.sinks,
+        raw.escalation.as_ref(),
+        &report,
+    )?;
 
     Ok(Config {
         intercept,
@@ -210,7 +217,9 @@ pub(super) fn compile(text: &str, name: &str) -> Result<Config, ConfigError> {
         upstream,
         admin_listen,
         limits,
+        events,
         revision: revision(text),
+        hub: std::sync::OnceLock::new(),
     })
 }
 

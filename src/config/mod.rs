@@ -7,6 +7,7 @@
 
 mod compile;
 mod error;
+pub mod events;
 pub mod raw;
 
 use std::net::{IpAddr, SocketAddr};
@@ -18,8 +19,6 @@ use arc_swap::ArcSwap;
 use http::{HeaderName, StatusCode, Uri};
 use ipnet::IpNet;
 
-#[cfg(test)]
-pub(crate) use compile::parse_duration;
 pub(crate) use error::suggest;
 pub use error::{ConfigError, Located};
 
@@ -48,7 +47,9 @@ pub struct Config {
     pub(crate) upstream: Option<Uri>,
     pub(crate) admin_listen: Option<SocketAddr>,
     pub(crate) limits: Limits,
+    pub(crate) events: events::EventSettings,
     pub(crate) revision: String,
+    pub(crate) hub: std::sync::OnceLock<crate::events::record::Hub>,
 }
 
 /// Limits and timeouts of the sidecar proxy (see the config reference).
@@ -116,7 +117,9 @@ fn unreachable_default() -> Config {
         upstream: None,
         admin_listen: None,
         limits: Limits::default(),
+        events: events::EventSettings::default(),
         revision: String::new(),
+        hub: std::sync::OnceLock::new(),
     }
 }
 
@@ -196,6 +199,17 @@ impl Config {
     /// Sidecar: the admin listener address, if set.
     pub fn admin_listen(&self) -> Option<SocketAddr> {
         self.admin_listen
+    }
+
+    /// The live sinks of this config, started on first use.
+    pub(crate) fn hub(&self) -> &crate::events::record::Hub {
+        self.hub
+            .get_or_init(|| crate::events::record::Hub::start(self))
+    }
+
+    /// Events, sinks and escalation.
+    pub fn events(&self) -> &events::EventSettings {
+        &self.events
     }
 
     /// Sidecar: limits and timeouts.

@@ -67,6 +67,15 @@ pub struct RawConfig {
     /// Sidecar only: limits and timeouts of the proxy.
     #[serde(default)]
     pub limits: Option<RawLimits>,
+    /// Where denial events go and what is kept of them.
+    #[serde(default)]
+    pub events: Option<super::events::RawEvents>,
+    /// Named event sinks.
+    #[serde(default)]
+    pub sinks: BTreeMap<String, super::events::RawSink>,
+    /// Escalation rules and self-service.
+    #[serde(default)]
+    pub escalation: Option<super::events::RawEscalation>,
 }
 
 /// Limits and timeouts of the sidecar proxy. Durations are written like

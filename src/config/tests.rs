@@ -1,6 +1,7 @@
 //! Loading configs: the shipped example, and every kind of bad config with its
 //! location.
 
+use super::compile::parse_duration;
 use super::*;
 
 fn err(yaml: &str) -> ConfigError {

@@ -6,6 +6,7 @@
 
 mod html;
 mod json;
+pub mod notice;
 mod text;
 
 use bytes::Bytes;

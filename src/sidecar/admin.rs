@@ -17,6 +17,7 @@ use tower_service::Service;
 
 use super::proxy::Upstream;
 use crate::config::ConfigHandle;
+use crate::events::record::Recorder;
 
 /// Serves `/healthz`, `/readyz` and `/metrics`.
 #[derive(Clone)]
@@ -28,16 +29,23 @@ struct AdminInner {
     config: ConfigHandle,
     upstream: Upstream,
     metrics: PrometheusHandle,
+    recorder: Arc<Recorder>,
 }
 
 impl Admin {
     /// The admin service.
-    pub fn new(config: ConfigHandle, upstream: Upstream, metrics: PrometheusHandle) -> Self {
+    pub fn new(
+        config: ConfigHandle,
+        upstream: Upstream,
+        metrics: PrometheusHandle,
+        recorder: Arc<Recorder>,
+    ) -> Self {
         Self {
             inner: Arc::new(AdminInner {
                 config,
                 upstream,
                 metrics,
+                recorder,
             }),
         }
     }
@@ -72,9 +80,10 @@ impl Service<Request<Incoming>> for Admin {
                     );
                     res
                 }
+                path if path.starts_with("/denials/") => inner.lookup(&path["/denials/".len()..]),
                 _ => text(
                     StatusCode::NOT_FOUND,
-                    "not found; try /healthz, /readyz or /metrics\n",
+                    "not found; try /healthz, /readyz, /metrics or /denials/{id}\n",
                 ),
             })
         })
@@ -82,6 +91,30 @@ impl Service<Request<Incoming>> for Admin {
 }
 
 impl AdminInner {
+    /// A recent denial's event, as JSON.
+    fn lookup(&self, id: &str) -> Response<Full<Bytes>> {
+        let Some(id) = crate::id::DenialId::parse(id) else {
+            return text(StatusCode::BAD_REQUEST, "that is not a denial id\n");
+        };
+        match self.recorder.store.get(&id) {
+            Some(recorded) => {
+                let body = serde_json::to_vec_pretty(&*recorded.event).unwrap_or_default();
+                let mut res = text(StatusCode::OK, body);
+                res.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                res
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "denial {id} is unknown or no longer kept (see events.recent_max and events.recent_max_age)\n"
+                ),
+            ),
+        }
+    }
+
     /// Ready when a config is loaded and the upstream accepts connections.
     async fn ready(&self) -> Response<Full<Bytes>> {
         let config = self.config.load();

@@ -114,9 +114,10 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let metrics = telemetry::metrics();
     metrics::gauge!("whydenied_config_info", "revision" => revision.clone()).set(1.0);
     let handle = ConfigHandle::new(options.config);
-    let service = ExplainLayer::with_handle(handle.clone())
-        .layer(proxy::Proxy::new(handle.clone(), upstream.clone()));
-    let admin = admin::Admin::new(handle.clone(), upstream, metrics);
+    let layer = ExplainLayer::with_handle(handle.clone()).identity_from_trusted_proxies_only(true);
+    let recorder = layer.recorder().clone();
+    let service = layer.layer(proxy::Proxy::new(handle.clone(), upstream.clone()));
+    let admin = admin::Admin::new(handle.clone(), upstream, metrics, recorder);
 
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut rx: watch::Receiver<bool>| async move {

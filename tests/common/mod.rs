@@ -104,3 +104,6 @@ impl Body for EndlessBody {
 
 #[cfg(feature = "sidecar")]
 pub mod upstream;
+
+#[cfg(feature = "sidecar")]
+pub mod receiver;

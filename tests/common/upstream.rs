@@ -138,6 +138,10 @@ async fn answer(state: Arc<UpstreamState>, mut req: Request<Incoming>) -> Respon
                 .insert("upgrade", "websocket".parse().unwrap());
             res
         }
+        "/leaky" => full(
+            StatusCode::FORBIDDEN,
+            "error: invalid credentials Bearer sEcReT4Body1234567 for eyJhbGciOiJIUzI1NiJ9.eyJzZWNyZXQiOiJ4In0.c2VjcmV0NQ\r\nfin",
+        ),
         "/denied" => {
             let mut res = full(StatusCode::FORBIDDEN, "Forbidden by upstream");
             res.headers_mut()
