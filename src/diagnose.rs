@@ -7,24 +7,21 @@
 //! explanation says honestly that the cause is unknown.
 
 use std::net::IpAddr;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use http::StatusCode;
-use http::header::RETRY_AFTER;
 
 use crate::config::Config;
+use crate::detect;
 use crate::escape::{MAX_REFLECTED_CHARS, clean};
 use crate::explanation::{
-    Audience, Cause, CauseKind, Effort, Explanation, Likelihood, PolicyRef, Remediation,
+    Audience, Cause, CauseKind, DeniedBy, Effort, Explanation, Likelihood, PolicyRef, Remediation,
 };
 use crate::facts::RequestFacts;
 use crate::id::DenialId;
 use crate::policy::{Policy, Upstream};
 use crate::template::{Var, Vars};
 use crate::token;
-
-/// The longest wait that `Retry-After` is believed for (one day).
-const MAX_RETRY_AFTER: u64 = 24 * 60 * 60;
 
 /// Who the caller is, as far as whydenied can tell.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,35 +63,60 @@ pub fn explain(
             evidence: vec![evidence],
         });
     }
-    let secondary = if policy.is_some() {
-        Likelihood::Medium
-    } else {
-        Likelihood::High
-    };
-    // A caller named by the identity header was authenticated upstream of us,
-    // even if it sent nothing we recognise as credentials.
-    if !facts.has_credentials() && identity.as_ref().is_none_or(|i| i.unverified) {
+    // A signature: the upstream's answer looks like a known product's denial.
+    let signature = config
+        .signatures()
+        .find_map(|set| set.first_match(facts, client_ip, upstream));
+    if let Some(sig) = signature {
+        let mut evidence = vec![format!(
+            "The response looks like {} (signature `{}`).",
+            sig.title_text(),
+            sig.id
+        )];
+        evidence.extend(extracted(sig, upstream.body));
         causes.push(Cause {
-            cause: CauseKind::AuthenticationMissing,
-            likelihood: secondary,
-            evidence: vec![
-                "The request carried no Authorization header, no cookie and no API key.".into(),
-            ],
+            cause: sig.cause,
+            likelihood: if policy.is_some() {
+                Likelihood::Medium
+            } else {
+                sig.likelihood
+            },
+            evidence,
         });
     }
-    let retry_after = retry_after_seconds(upstream, now);
-    if let Some(seconds) = retry_after {
-        let likelihood = if upstream.status == StatusCode::TOO_MANY_REQUESTS {
+    detect::authentication(facts, upstream, &mut causes);
+    detect::token(facts, now, &mut causes);
+    let limits = detect::rate_limit(upstream, now);
+    if limits.limited || limits.retry_after.is_some() {
+        let likelihood = if limits.limited {
             Likelihood::High
         } else {
-            secondary
+            Likelihood::Medium
         };
         causes.push(Cause {
             cause: CauseKind::RateLimited,
             likelihood,
-            evidence: vec![format!(
-                "The upstream asked the caller to retry after {seconds} seconds (Retry-After)."
-            )],
+            evidence: limits.evidence.clone(),
+        });
+    }
+    detect::status(upstream, &mut causes);
+    // A caller named by the identity header was authenticated upstream of us,
+    // even if it sent nothing we recognise as credentials.
+    if facts.credentials_known
+        && !facts.has_credentials()
+        && identity.as_ref().is_none_or(|i| i.unverified)
+    {
+        let likelihood = if causes.iter().any(|c| c.likelihood == Likelihood::High) {
+            Likelihood::Medium
+        } else {
+            Likelihood::High
+        };
+        causes.push(Cause {
+            cause: CauseKind::AuthenticationMissing,
+            likelihood,
+            evidence: vec![
+                "The request carried no Authorization header, no cookie and no API key.".into(),
+            ],
         });
     }
     if causes.is_empty() {
@@ -116,7 +138,13 @@ pub fn explain(
         policy: None,
         causes,
         remediation: Vec::new(),
-        retry_after_seconds: retry_after,
+        retry_after_seconds: None,
+        temporary: false,
+        denied_by: match (policy, signature) {
+            (Some(_), _) => DeniedBy::Proxy,
+            (None, Some(sig)) => sig.denied_by.unwrap_or(DeniedBy::Upstream),
+            (None, None) => DeniedBy::Upstream,
+        },
         contact: policy.and_then(|p| p.contact.clone()),
         escalate: None,
         expose: policy.map_or(config.expose, |p| p.expose),
@@ -125,6 +153,22 @@ pub fn explain(
     };
     explanation.rank_causes();
     let top = explanation.top_cause();
+    // Temporary: a signature or policy may say; otherwise a rate limit or a
+    // 503 is, and nothing else (a 429 for a billing quota or a bot challenge
+    // is named so by its signature and is not).
+    explanation.temporary = policy
+        .and_then(|p| p.temporary)
+        .or_else(|| {
+            signature
+                .filter(|s| s.cause == top)
+                .and_then(|s| s.temporary)
+        })
+        .unwrap_or(
+            top == CauseKind::RateLimited || upstream.status == StatusCode::SERVICE_UNAVAILABLE,
+        );
+    if explanation.temporary {
+        explanation.retry_after_seconds = limits.retry_after;
+    }
     let text = cause_text(top, upstream.status);
 
     let mut vars = DenialVars {
@@ -168,7 +212,22 @@ pub fn explain(
         }
         None => {
             explanation.title = text.title.to_owned();
-            explanation.detail = text.detail.to_owned();
+            explanation.detail = signature
+                .filter(|sig| sig.cause == top)
+                .and_then(|sig| sig.detail.as_ref())
+                .map(|t| t.render(&vars))
+                .unwrap_or_else(|| text.detail.to_owned());
+            if let Some(sig) = signature.filter(|sig| sig.cause == top) {
+                explanation.remediation = sig
+                    .remediation
+                    .iter()
+                    .map(|s| Remediation {
+                        step: s.text.render(&vars),
+                        audience: s.audience,
+                        effort: s.effort,
+                    })
+                    .collect();
+            }
         }
     }
     if explanation.remediation.is_empty() {
@@ -226,6 +285,9 @@ pub fn proxy_failure(
         expose: crate::explanation::Expose::Full,
         identity: None,
         client_ip: None,
+        temporary: status == StatusCode::SERVICE_UNAVAILABLE
+            || status == StatusCode::GATEWAY_TIMEOUT,
+        denied_by: DeniedBy::Proxy,
     }
 }
 
@@ -269,17 +331,19 @@ fn identity(config: &Config, facts: &RequestFacts) -> Option<Identity> {
     })
 }
 
-/// Seconds to wait, from `Retry-After` (delay-seconds or an HTTP date).
-fn retry_after_seconds(upstream: &Upstream<'_>, now: SystemTime) -> Option<u64> {
-    let value = upstream.headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    let seconds = match value.parse::<u64>() {
-        Ok(s) => s,
-        Err(_) => {
-            let at = httpdate::parse_http_date(value).ok()?;
-            at.duration_since(now).unwrap_or(Duration::ZERO).as_secs()
-        }
-    };
-    Some(seconds.min(MAX_RETRY_AFTER))
+/// Evidence pulled from the body by a signature's `extract`.
+fn extracted(sig: &Policy, body: &[u8]) -> Option<String> {
+    let (re, text) = sig.extract.as_ref()?;
+    let caps = re.captures(body)?;
+    let mut out = text.clone();
+    for name in re.capture_names().flatten() {
+        let value = caps
+            .name(name)
+            .map(|m| clean(&String::from_utf8_lossy(m.as_bytes()), 120))
+            .unwrap_or_default();
+        out = out.replace(&format!("{{{name}}}"), &value);
+    }
+    Some(out)
 }
 
 struct DenialVars<'a> {
@@ -518,7 +582,9 @@ fn cause_text(cause: CauseKind, status: StatusCode) -> CauseText {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::RETRY_AFTER;
     use http::{HeaderMap, Request};
+    use std::time::Duration;
 
     const CONFIG: &str = r##"
 identity: { header: x-forwarded-user, jwt_claim: sub }
@@ -542,6 +608,7 @@ policies:
             status: StatusCode::from_u16(status).unwrap(),
             headers: &headers,
             body: b"",
+            reason: None,
         };
         explain(
             &config,

@@ -112,8 +112,32 @@ vocabulary! {
     }
 }
 
+vocabulary! {
+    /// Who denied the request.
+    pub enum DeniedBy {
+        Proxy => "proxy",
+        Upstream => "upstream",
+        IdentityProvider => "identity_provider",
+        WafOrCdn => "waf_or_cdn",
+        Gateway => "gateway",
+    }
+}
+
+impl DeniedBy {
+    /// Who denied, for people.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DeniedBy::Proxy => "a policy of this proxy",
+            DeniedBy::Upstream => "the application behind this proxy",
+            DeniedBy::IdentityProvider => "the identity provider",
+            DeniedBy::WafOrCdn => "a firewall or CDN in front of the application",
+            DeniedBy::Gateway => "an API gateway in front of the application",
+        }
+    }
+}
+
 impl Likelihood {
-    fn rank(self) -> u8 {
+    pub(crate) fn rank(self) -> u8 {
         match self {
             Likelihood::High => 0,
             Likelihood::Medium => 1,
@@ -187,8 +211,12 @@ pub struct Explanation {
     pub causes: Vec<Cause>,
     /// What can be done, caller steps first.
     pub remediation: Vec<Remediation>,
-    /// Set when the denial is temporary: how long to wait.
+    /// Set when the denial is temporary and the wait is known.
     pub retry_after_seconds: Option<u64>,
+    /// Whether the identical request would succeed later.
+    pub temporary: bool,
+    /// Who denied the request.
+    pub denied_by: DeniedBy,
     /// Whom to ask.
     pub contact: Option<String>,
     /// Self-service escalation, when enabled.
@@ -305,6 +333,8 @@ mod tests {
                 },
             ],
             retry_after_seconds: None,
+            temporary: false,
+            denied_by: DeniedBy::Proxy,
             contact: Some("#help".into()),
             escalate: None,
             expose,

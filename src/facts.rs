@@ -41,6 +41,8 @@ pub struct RequestFacts {
     pub(crate) user_agent: Option<HeaderValue>,
     pub(crate) has_cookie: bool,
     pub(crate) has_api_key: bool,
+    /// False when the request is not known (explaining a bare response).
+    pub(crate) credentials_known: bool,
     pub(crate) peer: Option<SocketAddr>,
     pub(crate) captured: [Option<HeaderValue>; MAX_CAPTURED_HEADERS],
 }
@@ -100,6 +102,7 @@ impl RequestFacts {
             user_agent,
             has_cookie,
             has_api_key,
+            credentials_known: true,
             peer,
             captured,
         }
@@ -122,6 +125,12 @@ impl RequestFacts {
             None => self.uri.authority()?.as_str(),
         };
         Some(strip_port(raw))
+    }
+
+    /// Treats the request's credentials as unknown (for explaining a response
+    /// whose request was not seen, such as a corpus sample).
+    pub fn assume_unknown_credentials(&mut self) {
+        self.credentials_known = false;
     }
 
     /// Whether the request carried any credentials at all.

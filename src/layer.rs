@@ -430,6 +430,10 @@ fn explained(
         status: parts.status,
         headers: &parts.headers,
         body,
+        reason: parts
+            .extensions
+            .get::<crate::policy::UpstreamReason>()
+            .map(|r| r.0.as_str()),
     };
     let now = SystemTime::now();
     let mut explanation = diagnose::explain(config, facts, &upstream, DenialId::random()?, now);

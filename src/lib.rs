@@ -34,6 +34,8 @@
 
 pub mod body;
 pub mod config;
+pub mod corpus;
+pub mod detect;
 pub mod diagnose;
 pub mod escalation;
 pub mod escape;

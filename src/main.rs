@@ -20,6 +20,12 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ExplainFormat {
+    Json,
+    Text,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum SchemaOf {
     Config,
@@ -86,6 +92,40 @@ enum Command {
         #[arg(default_value = "config")]
         of: SchemaOf,
     },
+    /// Explain a response offline: what the caller would get, and the full
+    /// diagnosis. With --corpus, evaluate the diagnosis on labelled samples.
+    Explain {
+        /// A config whose policies and signatures to use (default: none, built-in signatures).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The request method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// The request URL or path.
+        #[arg(long, default_value = "/")]
+        url: String,
+        /// A request header, `name: value` (repeatable).
+        #[arg(long = "request-header", value_name = "HEADER")]
+        request_headers: Vec<String>,
+        /// The response status.
+        #[arg(long, default_value_t = 403)]
+        status: u16,
+        /// The reason phrase of the status line, if it says something.
+        #[arg(long)]
+        reason: Option<String>,
+        /// A response header, `name: value` (repeatable).
+        #[arg(long = "response-header", value_name = "HEADER")]
+        response_headers: Vec<String>,
+        /// A file holding the response body.
+        #[arg(long)]
+        body_file: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: ExplainFormat,
+        /// Evaluate every sample in this directory (the format of ../shared/corpus).
+        #[arg(long)]
+        corpus: Option<PathBuf>,
+    },
     /// Print a recent denial, looked up by its id on the admin listener.
     Lookup {
         /// The denial id (from `x-denial-id` or the caller's page).
@@ -115,6 +155,29 @@ fn main() -> ExitCode {
             println!("{}", schema(of));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Explain {
+            config,
+            method,
+            url,
+            request_headers,
+            status,
+            reason,
+            response_headers,
+            body_file,
+            format,
+            corpus,
+        } => explain(ExplainArgs {
+            config,
+            method,
+            url,
+            request_headers,
+            status,
+            reason,
+            response_headers,
+            body_file,
+            format,
+            corpus,
+        }),
         Command::Lookup { id, admin, json } => {
             runtime().and_then(|rt| rt.block_on(lookup(&id, admin, json)))
         }
@@ -311,6 +374,120 @@ Admin listener: http://{admin}/healthz  http://{admin}/readyz  http://{admin}/me
 Press Ctrl-C to stop.
 "#
     );
+}
+
+struct ExplainArgs {
+    config: Option<PathBuf>,
+    method: String,
+    url: String,
+    request_headers: Vec<String>,
+    status: u16,
+    reason: Option<String>,
+    response_headers: Vec<String>,
+    body_file: Option<PathBuf>,
+    format: ExplainFormat,
+    corpus: Option<PathBuf>,
+}
+
+fn header_map(lines: &[String]) -> anyhow::Result<http::HeaderMap> {
+    let mut map = http::HeaderMap::new();
+    for line in lines {
+        let (name, value) = line
+            .split_once(':')
+            .with_context(|| format!("`{line}` is not a header; write `name: value`"))?;
+        map.append(
+            http::HeaderName::from_bytes(name.trim().as_bytes())
+                .with_context(|| format!("`{}` is not a header name", name.trim()))?,
+            http::HeaderValue::from_str(value.trim())
+                .with_context(|| format!("the value of `{}` is not valid", name.trim()))?,
+        );
+    }
+    Ok(map)
+}
+
+fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let config = match &args.config {
+        Some(path) => match Config::from_file(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+        None => Config::default(),
+    };
+    if let Some(dir) = &args.corpus {
+        let report = whydenied::corpus::evaluate(&config, dir).map_err(|e| anyhow::anyhow!(e))?;
+        print!("{}", report.to_markdown());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = http::StatusCode::from_u16(args.status).context("--status must be 100..=999")?;
+    let body = match &args.body_file {
+        Some(path) => {
+            let mut data =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            data.truncate(config.max_body_bytes());
+            data
+        }
+        None => Vec::new(),
+    };
+    let mut request = http::Request::builder()
+        .method(args.method.as_str())
+        .uri(args.url.as_str())
+        .body(())
+        .context("--method or --url is not valid")?;
+    *request.headers_mut() = header_map(&args.request_headers)?;
+    let response_headers = header_map(&args.response_headers)?;
+    let facts = whydenied::facts::RequestFacts::capture(&request, &config);
+    let upstream = whydenied::policy::Upstream {
+        status,
+        headers: &response_headers,
+        body: &body,
+        reason: args.reason.as_deref(),
+    };
+    let explanation = whydenied::diagnose::explain(
+        &config,
+        &facts,
+        &upstream,
+        whydenied::DenialId::random()?,
+        std::time::SystemTime::now(),
+    );
+    let negotiated = match args.format {
+        ExplainFormat::Json => whydenied::Negotiated::ProblemJson,
+        ExplainFormat::Text => whydenied::Negotiated::Text,
+    };
+    let caller = whydenied::render::render(&explanation.caller_view(), negotiated);
+    if args.format == ExplainFormat::Json {
+        let diagnosis = serde_json::json!({
+            "caller_sees": serde_json::from_str::<serde_json::Value>(&caller).unwrap_or_default(),
+            "diagnosis": {
+                "denied_by": explanation.denied_by.as_str(),
+                "temporary": explanation.temporary,
+                "retry_after_seconds": explanation.retry_after_seconds,
+                "causes": explanation.causes,
+            }
+        });
+        println!("{}", serde_json::to_string_pretty(&diagnosis)?);
+    } else {
+        println!("--- What the caller sees ---\n{caller}");
+        println!("--- Diagnosis ---");
+        println!("denied by: {}", explanation.denied_by.describe());
+        println!(
+            "temporary: {}{}",
+            if explanation.temporary { "yes" } else { "no" },
+            explanation
+                .retry_after_seconds
+                .map(|s| format!(", retry after {s} seconds"))
+                .unwrap_or_default()
+        );
+        for (n, cause) in explanation.causes.iter().enumerate() {
+            println!("{}. {} ({})", n + 1, cause.cause, cause.likelihood);
+            for e in &cause.evidence {
+                println!("   - {e}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// GET `path` from the admin listener: (status, body).

@@ -37,6 +37,10 @@ pub struct Policy {
     pub(crate) docs: Option<String>,
     pub(crate) expose: Expose,
     pub(crate) conditions: Conditions,
+    pub(crate) likelihood: crate::explanation::Likelihood,
+    pub(crate) temporary: Option<bool>,
+    pub(crate) denied_by: Option<crate::explanation::DeniedBy>,
+    pub(crate) extract: Option<(regex::bytes::Regex, String)>,
 }
 
 impl Policy {
@@ -48,6 +52,14 @@ impl Policy {
     /// The policy's cause.
     pub fn cause(&self) -> CauseKind {
         self.cause
+    }
+
+    /// The title as plain text (templates shown with their variables).
+    pub(crate) fn title_text(&self) -> String {
+        self.title
+            .as_ref()
+            .map(|t| t.source().to_owned())
+            .unwrap_or_else(|| self.id.clone())
     }
 }
 
@@ -93,10 +105,17 @@ pub(crate) struct Conditions {
     pub(crate) client_not_in: Vec<IpNet>,
     pub(crate) status: Vec<u16>,
     pub(crate) response_headers: Vec<(HeaderName, HeaderCond)>,
-    pub(crate) body: Option<BodyCond>,
+    /// Index into the set's body patterns.
+    pub(crate) body: Option<usize>,
+    pub(crate) reason: Option<BodyCond>,
     /// Each condition in words, for the evidence of a match.
     pub(crate) described: Vec<String>,
 }
+
+/// The reason phrase of the upstream's status line, as a response extension
+/// (the sidecar sets it; `403 Ip Forbidden` carries more than `403`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamReason(pub String);
 
 /// The upstream's answer, as far as matching needs it.
 #[derive(Clone, Copy, Debug)]
@@ -107,6 +126,8 @@ pub struct Upstream<'a> {
     pub headers: &'a HeaderMap,
     /// The body prefix that was read (at most `max_body_kib`).
     pub body: &'a [u8],
+    /// The reason phrase of the status line, when the upstream sent one.
+    pub reason: Option<&'a str>,
 }
 
 /// All policies of a config, in file order.
@@ -118,6 +139,8 @@ pub struct PolicySet {
     pub(crate) path_owner: Vec<usize>,
     pub(crate) hosts: GlobSet,
     pub(crate) host_owner: Vec<usize>,
+    /// All body conditions, searched in one pass.
+    pub(crate) bodies: Option<regex::bytes::RegexSet>,
 }
 
 impl PolicySet {
@@ -152,6 +175,7 @@ impl PolicySet {
             .map(str::to_ascii_lowercase)
             .unwrap_or_default();
         let host_hits = hits(&self.hosts, &self.host_owner, &host, self.len());
+        let body_hits = self.bodies.as_ref().map(|set| set.matches(upstream.body));
         self.policies.iter().enumerate().find_map(|(i, policy)| {
             let c = &policy.conditions;
             let holds = (!c.has_path || path_hits[i])
@@ -169,11 +193,15 @@ impl PolicySet {
                 && c.response_headers
                     .iter()
                     .all(|(name, cond)| cond.holds(upstream.headers.get(name)))
-                && match &c.body {
-                    None => true,
-                    Some(BodyCond::Contains(finder)) => finder.find(upstream.body).is_some(),
-                    Some(BodyCond::Regex(re)) => re.is_match(upstream.body),
-                };
+                && c.body
+                    .is_none_or(|i| body_hits.as_ref().is_some_and(|m| m.matched(i)))
+                && c.reason.as_ref().is_none_or(|cond| {
+                    let reason = upstream.reason.unwrap_or("").as_bytes();
+                    match cond {
+                        BodyCond::Contains(finder) => finder.find(reason).is_some(),
+                        BodyCond::Regex(re) => re.is_match(reason),
+                    }
+                });
             holds.then_some(policy)
         })
     }
@@ -243,6 +271,7 @@ policies:
             status: StatusCode::from_u16(status).unwrap(),
             headers: &map,
             body: body.as_bytes(),
+            reason: None,
         };
         let ip = facts.client_ip(&config);
         config

@@ -65,6 +65,7 @@ enum Part {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Template {
     parts: Vec<Part>,
+    source: String,
 }
 
 /// Values for the variables of one denial, already cleaned.
@@ -105,7 +106,15 @@ impl Template {
         if !rest.is_empty() {
             parts.push(Part::Literal(rest.to_owned()));
         }
-        Ok(Self { parts })
+        Ok(Self {
+            parts,
+            source: text.to_owned(),
+        })
+    }
+
+    /// The text as written.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders with the given values.

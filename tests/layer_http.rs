@@ -159,7 +159,11 @@ async fn problem_json_by_default() {
     assert_eq!(v["remediation"][0]["for"], "caller");
     assert_eq!(v["remediation"][1]["for"], "admin");
     assert_eq!(v["contact"], "#platform-help");
-    assert_eq!(v["retry_after_seconds"], 30);
+    // The policy is authoritative: a permission denial is not temporary, even
+    // though the upstream also sent rate-limit headers (they are evidence below).
+    assert_eq!(v["temporary"], false);
+    assert!(v.get("retry_after_seconds").is_none());
+    assert_eq!(v["causes"][1]["cause"], "rate_limited");
     assert!(
         !body.contains("forbidden"),
         "the upstream body is not shown"

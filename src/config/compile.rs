@@ -14,7 +14,7 @@ use serde_saphyr::{Location, Spanned};
 use super::error::{Located, suggest, with_suggestion};
 use super::raw::{RawBodyMatch, RawConfig, RawHeaderMatch, RawLimits, RawMatch, RawPolicy};
 use super::{Config, ConfigError, DEFAULT_MAX_BODY_KIB, Limits, StatusSet};
-use crate::explanation::{Audience, CauseKind, Effort, Expose};
+use crate::explanation::{Audience, CauseKind, DeniedBy, Effort, Expose, Likelihood};
 use crate::facts::MAX_CAPTURED_HEADERS;
 use crate::policy::{BodyCond, Conditions, HeaderCond, Policy, PolicySet, Step};
 use crate::template::Template;
@@ -148,29 +148,25 @@ pub(super) fn compile(text: &str, name: &str) -> Result<Config, ConfigError> {
         Some(e) => word(&ctx, e, "expose", Expose::from_name, &Expose::names())?,
     };
 
-    let mut builder = PolicyBuilder {
-        ctx: &ctx,
-        networks: &networks,
-        intercept,
-        captured: Vec::new(),
-        paths: GlobSetBuilder::new(),
-        path_owner: Vec::new(),
-        hosts: GlobSetBuilder::new(),
-        host_owner: Vec::new(),
-        seen: HashMap::new(),
-    };
+    let mut builder = PolicyBuilder::new(&ctx, &networks, intercept, false);
     let mut policies = Vec::with_capacity(raw.policies.len());
     for (index, raw_policy) in raw.policies.iter().enumerate() {
         policies.push(builder.policy(index, raw_policy, expose)?);
     }
-    let paths = builder
-        .paths
-        .build()
-        .map_err(|e| ctx.err(&Location::UNKNOWN, format!("path globs: {e}")))?;
-    let hosts = builder
-        .hosts
-        .build()
-        .map_err(|e| ctx.err(&Location::UNKNOWN, format!("host globs: {e}")))?;
+    let captured = std::mem::take(&mut builder.captured);
+    let policy_set = builder.finish(policies)?;
+
+    let (builtin_signatures, custom_signatures) = match &raw.signatures {
+        None => (true, PolicySet::default()),
+        Some(s) => {
+            let mut builder = PolicyBuilder::new(&ctx, &networks, intercept, true);
+            let mut sigs = Vec::with_capacity(s.custom.len());
+            for (index, raw_sig) in s.custom.iter().enumerate() {
+                sigs.push(builder.policy(index, raw_sig, Expose::Full)?);
+            }
+            (s.builtin.unwrap_or(true), builder.finish(sigs)?)
+        }
+    };
 
     let listen = raw
         .listen
@@ -204,14 +200,10 @@ pub(super) fn compile(text: &str, name: &str) -> Result<Config, ConfigError> {
         identity_header,
         identity_claim,
         api_key_headers,
-        captured_headers: builder.captured,
-        policies: PolicySet {
-            policies,
-            paths,
-            path_owner: builder.path_owner,
-            hosts,
-            host_owner: builder.host_owner,
-        },
+        captured_headers: captured,
+        policies: policy_set,
+        custom_signatures,
+        builtin_signatures,
         expose,
         listen,
         upstream,
@@ -234,9 +226,69 @@ struct PolicyBuilder<'a> {
     host_owner: Vec<usize>,
     /// Policy id → line where it was first defined.
     seen: HashMap<String, u64>,
+    /// Signatures match on the response only.
+    signatures: bool,
+    body_patterns: Vec<String>,
 }
 
-impl PolicyBuilder<'_> {
+impl<'a> PolicyBuilder<'a> {
+    fn new(
+        ctx: &'a Ctx<'a>,
+        networks: &'a HashMap<&'a str, Vec<IpNet>>,
+        intercept: StatusSet,
+        signatures: bool,
+    ) -> Self {
+        Self {
+            ctx,
+            networks,
+            intercept,
+            captured: Vec::new(),
+            paths: GlobSetBuilder::new(),
+            path_owner: Vec::new(),
+            hosts: GlobSetBuilder::new(),
+            host_owner: Vec::new(),
+            seen: HashMap::new(),
+            signatures,
+            body_patterns: Vec::new(),
+        }
+    }
+
+    fn finish(self, policies: Vec<Policy>) -> Result<PolicySet, ConfigError> {
+        let ctx = self.ctx;
+        let paths = self
+            .paths
+            .build()
+            .map_err(|e| ctx.err(&Location::UNKNOWN, format!("path globs: {e}")))?;
+        let hosts = self
+            .hosts
+            .build()
+            .map_err(|e| ctx.err(&Location::UNKNOWN, format!("host globs: {e}")))?;
+        let bodies = if self.body_patterns.is_empty() {
+            None
+        } else {
+            Some(
+                regex::bytes::RegexSetBuilder::new(&self.body_patterns)
+                    .size_limit(MAX_REGEX_COMPILED_BYTES * 64)
+                    .dfa_size_limit(MAX_REGEX_COMPILED_BYTES * 64)
+                    .build()
+                    .map_err(|e| {
+                        ctx.err(
+                            &Location::UNKNOWN,
+                            format!("the body conditions together are too large to compile: {e}"),
+                        )
+                    })?,
+            )
+        };
+        Ok(PolicySet {
+            policies,
+            paths,
+            path_owner: self.path_owner,
+            hosts,
+            host_owner: self.host_owner,
+            bodies,
+        })
+    }
+
     fn policy(
         &mut self,
         index: usize,
@@ -326,12 +378,59 @@ impl PolicyBuilder<'_> {
                 Some(e) => word(ctx, e, "expose", Expose::from_name, &Expose::names())?,
             },
             conditions: self.conditions(index, &raw.matcher)?,
+            likelihood: match &raw.likelihood {
+                None => Likelihood::High,
+                Some(l) => word(
+                    ctx,
+                    l,
+                    "likelihood",
+                    Likelihood::from_name,
+                    &Likelihood::names(),
+                )?,
+            },
+            temporary: raw.temporary,
+            denied_by: raw
+                .denied_by
+                .as_ref()
+                .map(|d| word(ctx, d, "denied_by", DeniedBy::from_name, &DeniedBy::names()))
+                .transpose()?,
+            extract: match &raw.extract {
+                None => None,
+                Some(x) => {
+                    let re = regex::bytes::RegexBuilder::new(&x.regex.value)
+                        .size_limit(MAX_REGEX_COMPILED_BYTES)
+                        .build()
+                        .map_err(|e| {
+                            ctx.err(&x.regex.referenced, format!("bad extract regex: {e}"))
+                        })?;
+                    Some((re, crate::escape::clean(&x.text, 512)))
+                }
+            },
         })
     }
 
     fn conditions(&mut self, index: usize, m: &RawMatch) -> Result<Conditions, ConfigError> {
         let ctx = self.ctx;
         let mut c = Conditions::default();
+        if self.signatures
+            && (m.path.is_some()
+                || m.host.is_some()
+                || !m.methods.is_empty()
+                || !m.headers.is_empty()
+                || !m.client_in.is_empty()
+                || !m.client_not_in.is_empty())
+        {
+            let at = m
+                .path
+                .as_ref()
+                .map(|p| p.referenced)
+                .or_else(|| m.methods.first().map(|x| x.referenced))
+                .unwrap_or(Location::UNKNOWN);
+            return Err(ctx.err(
+                &at,
+                "a signature matches on the response only: use status, response_headers, body or reason",
+            ));
+        }
         let quoted = |items: &[String]| {
             items
                 .iter()
@@ -499,7 +598,7 @@ impl PolicyBuilder<'_> {
         c.client_in = self.networks_of(&m.client_in)?;
         c.client_not_in = self.networks_of(&m.client_not_in)?;
         for status in &m.status {
-            if !self.intercept.contains(status.value) {
+            if !self.signatures && !self.intercept.contains(status.value) {
                 return Err(ctx.err(
                     &status.referenced,
                     format!(
@@ -511,7 +610,12 @@ impl PolicyBuilder<'_> {
             c.status.push(status.value);
         }
         if let Some(body) = &m.body {
-            c.body = Some(body_cond(ctx, body)?);
+            let (_, pattern) = body_cond(ctx, body)?;
+            self.body_patterns.push(pattern);
+            c.body = Some(self.body_patterns.len() - 1);
+        }
+        if let Some(reason) = &m.reason {
+            c.reason = Some(body_cond(ctx, reason)?.0);
         }
         Ok(c)
     }
@@ -583,7 +687,11 @@ fn header_cond(ctx: &Ctx<'_>, cond: &Spanned<RawHeaderMatch>) -> Result<HeaderCo
     })
 }
 
-fn body_cond(ctx: &Ctx<'_>, body: &Spanned<RawBodyMatch>) -> Result<BodyCond, ConfigError> {
+/// A body condition, and the same as a regex pattern for the one-pass set.
+fn body_cond(
+    ctx: &Ctx<'_>,
+    body: &Spanned<RawBodyMatch>,
+) -> Result<(BodyCond, String), ConfigError> {
     match &body.value {
         RawBodyMatch {
             contains: Some(text),
@@ -595,9 +703,10 @@ fn body_cond(ctx: &Ctx<'_>, body: &Spanned<RawBodyMatch>) -> Result<BodyCond, Co
                     format!("`contains` must be 1 to {MAX_PATTERN_BYTES} bytes"),
                 ));
             }
-            Ok(BodyCond::Contains(Box::new(
-                memmem::Finder::new(text.as_bytes()).into_owned(),
-            )))
+            Ok((
+                BodyCond::Contains(Box::new(memmem::Finder::new(text.as_bytes()).into_owned())),
+                regex::escape(text),
+            ))
         }
         RawBodyMatch {
             contains: None,
@@ -625,7 +734,7 @@ fn body_cond(ctx: &Ctx<'_>, body: &Spanned<RawBodyMatch>) -> Result<BodyCond, Co
                     };
                     ctx.err(&body.referenced, format!("bad body regex: {detail}"))
                 })?;
-            Ok(BodyCond::Regex(re))
+            Ok((BodyCond::Regex(re), pattern.clone()))
         }
         _ => Err(ctx.err(
             &body.referenced,
@@ -730,6 +839,20 @@ fn upstream_url(ctx: &Ctx<'_>, value: &Spanned<String>) -> Result<Uri, ConfigErr
         ));
     }
     Ok(uri)
+}
+
+/// Compiles a signature pack file (`signatures: [...]`).
+pub(crate) fn compile_pack(text: &str, name: &str) -> Result<PolicySet, ConfigError> {
+    let ctx = Ctx { name, text };
+    let raw: super::raw::RawPack =
+        serde_saphyr::from_str(text).map_err(|e| yaml_error(&ctx, &e))?;
+    let networks = HashMap::new();
+    let mut builder = PolicyBuilder::new(&ctx, &networks, StatusSet::from_codes(&[]), true);
+    let mut sigs = Vec::with_capacity(raw.signatures.len());
+    for (index, raw_sig) in raw.signatures.iter().enumerate() {
+        sigs.push(builder.policy(index, raw_sig, Expose::Full)?);
+    }
+    builder.finish(sigs)
 }
 
 fn limits(ctx: &Ctx<'_>, raw: Option<&RawLimits>) -> Result<Limits, ConfigError> {

@@ -42,6 +42,8 @@ pub struct Config {
     pub(crate) api_key_headers: Vec<HeaderName>,
     pub(crate) captured_headers: Vec<HeaderName>,
     pub(crate) policies: PolicySet,
+    pub(crate) custom_signatures: PolicySet,
+    pub(crate) builtin_signatures: bool,
     pub(crate) expose: Expose,
     pub(crate) listen: Option<SocketAddr>,
     pub(crate) upstream: Option<Uri>,
@@ -112,6 +114,8 @@ fn unreachable_default() -> Config {
         api_key_headers: Vec::new(),
         captured_headers: Vec::new(),
         policies: PolicySet::default(),
+        custom_signatures: PolicySet::default(),
+        builtin_signatures: true,
         expose: Expose::Full,
         listen: None,
         upstream: None,
@@ -181,6 +185,13 @@ impl Config {
         &self.policies
     }
 
+    /// The signature sets to try, in order: the config's own, then the
+    /// built-in pack (unless switched off).
+    pub fn signatures(&self) -> impl Iterator<Item = &PolicySet> {
+        let builtin = self.builtin_signatures.then(builtin_signatures);
+        std::iter::once(&self.custom_signatures).chain(builtin)
+    }
+
     /// A short hash of the config text, to tell which config answered.
     pub fn revision(&self) -> &str {
         &self.revision
@@ -239,6 +250,20 @@ impl Config {
         self.trusted_proxies.iter().any(|n| n.contains(&ip))
     }
 }
+
+/// The built-in signature pack (`config/signatures.yaml`), compiled once.
+pub fn builtin_signatures() -> &'static PolicySet {
+    static PACK: std::sync::OnceLock<PolicySet> = std::sync::OnceLock::new();
+    PACK.get_or_init(|| {
+        compile::compile_pack(BUILTIN_SIGNATURES, "config/signatures.yaml").unwrap_or_else(|e| {
+            tracing::error!(target: "whydenied", error = %e, "the built-in signature pack does not compile");
+            PolicySet::default()
+        })
+    })
+}
+
+/// The text of the built-in signature pack.
+pub const BUILTIN_SIGNATURES: &str = include_str!("../../config/signatures.yaml");
 
 /// An IPv4-mapped IPv6 address as the IPv4 address it is.
 pub(crate) fn canonical(ip: IpAddr) -> IpAddr {

@@ -67,6 +67,9 @@ pub struct RawConfig {
     /// Sidecar only: limits and timeouts of the proxy.
     #[serde(default)]
     pub limits: Option<RawLimits>,
+    /// The signatures that recognise common software's denials.
+    #[serde(default)]
+    pub signatures: Option<RawSignatures>,
     /// Where denial events go and what is kept of them.
     #[serde(default)]
     pub events: Option<super::events::RawEvents>,
@@ -219,6 +222,58 @@ pub struct RawPolicy {
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
     pub expose: Option<S<String>>,
+    /// How sure a match makes the cause: `high` (default), `medium`, `low`.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
+    pub likelihood: Option<S<String>>,
+    /// Whether the identical request would succeed later. Default: from the
+    /// cause (`rate_limited` is temporary).
+    #[serde(default)]
+    pub temporary: Option<bool>,
+    /// Who denied: `proxy`, `upstream`, `identity_provider`, `waf_or_cdn`,
+    /// `gateway`. Default `proxy` for policies, `upstream` for signatures.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
+    pub denied_by: Option<S<String>>,
+    /// Pulls fields out of the upstream body into the evidence.
+    #[serde(default)]
+    pub extract: Option<RawExtract>,
+}
+
+/// A regular expression with named groups, and the evidence sentence that
+/// uses them as `{name}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(JsonSchema))]
+pub struct RawExtract {
+    /// Run over the body prefix, such as `User \\"(?P<user>[^\\"]+)\\"`.
+    #[cfg_attr(feature = "schema", schemars(with = "String"))]
+    pub regex: S<String>,
+    /// The evidence, such as `Kubernetes user {user}`.
+    pub text: String,
+}
+
+/// The built-in signature pack and the config's own signatures.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(JsonSchema))]
+pub struct RawSignatures {
+    /// Use the built-in pack (config/signatures.yaml). Default true.
+    #[serde(default)]
+    pub builtin: Option<bool>,
+    /// More signatures, tried before the built-in ones. Same language as
+    /// policies, matching only on the response: `status`,
+    /// `response_headers`, `body`, `reason`.
+    #[serde(default)]
+    pub custom: Vec<RawPolicy>,
+}
+
+/// The signature pack file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPack {
+    /// The signatures, tried in order.
+    pub signatures: Vec<RawPolicy>,
 }
 
 /// One remediation step.
@@ -287,6 +342,11 @@ pub struct RawMatch {
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(with = "Option<RawBodyMatch>"))]
     pub body: Option<S<RawBodyMatch>>,
+    /// A condition on the reason phrase of the upstream's status line
+    /// (HTTP/1.1 only; `Ip Forbidden` in `403 Ip Forbidden`).
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<RawBodyMatch>"))]
+    pub reason: Option<S<RawBodyMatch>>,
 }
 
 /// One string or a list of strings.

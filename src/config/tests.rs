@@ -242,3 +242,10 @@ fn limits_and_durations() {
         Some(std::time::Duration::from_secs(3600))
     );
 }
+
+#[test]
+fn the_builtin_signature_pack_compiles() {
+    let pack = compile::compile_pack(BUILTIN_SIGNATURES, "config/signatures.yaml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(pack.len() >= 40, "{} signatures", pack.len());
+}

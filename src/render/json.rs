@@ -17,8 +17,10 @@ struct Problem<'a> {
     policy: Option<&'a PolicyRef>,
     causes: &'a [Cause],
     remediation: &'a [Remediation],
+    temporary: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     retry_after_seconds: Option<u64>,
+    denied_by: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     contact: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -40,7 +42,9 @@ pub(super) fn render(e: &Explanation) -> String {
         policy: e.policy.as_ref(),
         causes: &e.causes,
         remediation: &e.remediation,
+        temporary: e.temporary,
         retry_after_seconds: e.retry_after_seconds,
+        denied_by: e.denied_by.as_str(),
         contact: e.contact.as_deref(),
         escalate: e.escalate.as_ref(),
     };

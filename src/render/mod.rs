@@ -198,6 +198,8 @@ pub(crate) mod fixtures {
                 },
             ],
             retry_after_seconds: Some(30),
+            temporary: true,
+            denied_by: DeniedBy::Proxy,
             contact: Some(format!("contact {evil}")),
             escalate: None,
             expose: Expose::Full,

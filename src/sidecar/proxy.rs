@@ -281,6 +281,17 @@ impl Inner {
 
         let (mut parts, body) = response.into_parts();
         hop::strip_hop_by_hop(&mut parts.headers, false);
+        if parts.status.is_client_error() || parts.status.is_server_error() {
+            let reason = parts
+                .extensions
+                .get::<hyper::ext::ReasonPhrase>()
+                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned());
+            if let Some(reason) = reason {
+                parts
+                    .extensions
+                    .insert(crate::policy::UpstreamReason(reason));
+            }
+        }
         Response::from_parts(parts, ProxyBody::Upstream { body })
     }
 }

@@ -1,0 +1,46 @@
+//! The diagnosis against the labelled corpus (a committed copy of
+//! ../shared/corpus under tests/corpus), and against samples of the same
+//! software written from its public documentation (tests/corpus_extra).
+
+use std::path::Path;
+
+use whydenied::Config;
+use whydenied::corpus::evaluate;
+
+#[test]
+fn the_corpus_is_diagnosed_correctly() {
+    let report = evaluate(
+        &Config::default(),
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus"),
+    )
+    .unwrap();
+    let table = report.to_markdown();
+    println!("{table}");
+    let (right, total) = report.cause_accuracy();
+    assert!(total >= 40, "{total} inferable samples");
+    assert!(
+        right * 10 >= total * 9,
+        "top cause right on only {right} of {total}:\n{table}"
+    );
+    let (tr, tt) = report.temporary_accuracy();
+    assert_eq!(tr, tt, "temporary wrong:\n{table}");
+}
+
+#[test]
+fn other_denials_of_the_same_software_are_recognised_too() {
+    let report = evaluate(
+        &Config::default(),
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus_extra"),
+    )
+    .unwrap();
+    let table = report.to_markdown();
+    println!("{table}");
+    let (right, total) = report.cause_accuracy();
+    assert!(total >= 12, "{total} samples");
+    assert!(
+        right * 10 >= total * 9,
+        "top cause right on only {right} of {total}:\n{table}"
+    );
+    let (tr, tt) = report.temporary_accuracy();
+    assert_eq!(tr, tt, "temporary wrong:\n{table}");
+}
