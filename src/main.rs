@@ -142,6 +142,10 @@ enum Command {
         /// The admin listener's URL.
         #[arg(long, default_value = "http://127.0.0.1:9901")]
         admin: Uri,
+        /// Ask /readyz instead (a config is loaded and the upstream accepts
+        /// connections), for readiness probes.
+        #[arg(long)]
+        ready: bool,
     },
 }
 
@@ -181,7 +185,9 @@ fn main() -> ExitCode {
         Command::Lookup { id, admin, json } => {
             runtime().and_then(|rt| rt.block_on(lookup(&id, admin, json)))
         }
-        Command::Health { admin } => runtime().and_then(|rt| rt.block_on(health(admin))),
+        Command::Health { admin, ready } => {
+            runtime().and_then(|rt| rt.block_on(health(admin, ready)))
+        }
         Command::Serve {
             config,
             listen,
@@ -582,38 +588,23 @@ async fn lookup(id: &str, admin: Uri, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn health(admin: Uri) -> anyhow::Result<ExitCode> {
-    let authority = admin
-        .authority()
-        .context("--admin must be a URL such as http://127.0.0.1:9901")?
-        .as_str()
-        .to_owned();
-    let attempt = async {
-        let stream = tokio::net::TcpStream::connect(&authority).await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = http::Request::get("/healthz")
-            .header(http::header::HOST, authority.as_str())
-            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-        let res = sender.send_request(req).await?;
-        anyhow::Ok(res.status())
-    };
-    match tokio::time::timeout(Duration::from_secs(3), attempt).await {
-        Ok(Ok(status)) if status.is_success() => {
-            println!("healthy");
+async fn health(admin: Uri, ready: bool) -> anyhow::Result<ExitCode> {
+    let path = if ready { "/readyz" } else { "/healthz" };
+    match admin_get(&admin, path).await {
+        Ok((status, _)) if status.is_success() => {
+            println!("{}", if ready { "ready" } else { "healthy" });
             Ok(ExitCode::SUCCESS)
         }
-        Ok(Ok(status)) => {
-            eprintln!("unhealthy: /healthz answered {status}");
+        Ok((status, body)) => {
+            eprintln!(
+                "not {}: {path} answered {status}: {}",
+                if ready { "ready" } else { "healthy" },
+                String::from_utf8_lossy(&body).trim_end()
+            );
             Ok(ExitCode::FAILURE)
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             eprintln!("unhealthy: {e:#}");
-            Ok(ExitCode::FAILURE)
-        }
-        Err(_) => {
-            eprintln!("unhealthy: no answer within 3 seconds");
             Ok(ExitCode::FAILURE)
         }
     }

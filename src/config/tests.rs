@@ -249,3 +249,20 @@ fn the_builtin_signature_pack_compiles() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(pack.len() >= 40, "{} signatures", pack.len());
 }
+
+#[test]
+fn the_kubernetes_example_config_loads() {
+    #[derive(serde::Deserialize)]
+    struct ConfigMap {
+        data: std::collections::BTreeMap<String, String>,
+    }
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/kubernetes/configmap.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let cm: ConfigMap = serde_saphyr::from_str(&text).unwrap();
+    let config = Config::parse(&cm.data["whydenied.yaml"], "configmap.yaml#whydenied.yaml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!config.policies().is_empty());
+}
