@@ -165,5 +165,89 @@ fn denial(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, pass_through, denial);
+fn diagnosis(c: &mut Criterion) {
+    // A 64 KiB HTML error page that most signatures must scan and reject,
+    // with a Kubernetes Status document at its end.
+    let mut body = String::from("<html><head><title>Error</title></head><body>");
+    while body.len() < 64 * 1024 - 400 {
+        body.push_str(
+            "<p>Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.</p>\n",
+        );
+    }
+    body.push_str(r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"pods is forbidden: User \"jane\" cannot list resource \"pods\" in API group \"\"","reason":"Forbidden","code":403}"#);
+    let config = Config::default();
+    let headers = http::HeaderMap::new();
+    let e = whydenied::corpus::explain_response(
+        &config,
+        StatusCode::FORBIDDEN,
+        None,
+        &headers,
+        body.as_bytes(),
+    );
+    assert_eq!(e.top_cause(), whydenied::CauseKind::Permission);
+    c.bench_function("diagnose_64k_body_whole_signature_pack", |b| {
+        b.iter(|| {
+            black_box(whydenied::corpus::explain_response(
+                &config,
+                StatusCode::FORBIDDEN,
+                None,
+                &headers,
+                black_box(body.as_bytes()),
+            ))
+        })
+    });
+}
+
+fn events(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("whydenied-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let with_events = format!(
+        "{}events: {{ sinks: [audit] }}\nsinks:\n  audit: {{ file: {{ path: \"{}\", max_bytes: 1048576, keep: 1 }}, queue: 100000 }}\nescalation:\n  rules:\n{}",
+        "identity: { header: x-forwarded-user }\npolicies:\n  - { id: admin, match: { path: \"/admin/**\" }, cause: permission }\n",
+        dir.join("events.jsonl").display(),
+        (0..5)
+            .map(|i| format!("    - {{ id: r{i}, same: [identity, policy], count: {}, within: 10m, notify: [audit] }}\n", 1000 + i))
+            .collect::<String>()
+    );
+    let plain = "identity: { header: x-forwarded-user }\npolicies:\n  - { id: admin, match: { path: \"/admin/**\" }, cause: permission }\n";
+    let mut group = c.benchmark_group("explained_denial_events");
+    for (name, yaml) in [
+        ("no_sinks_no_rules", plain.to_owned()),
+        ("file_sink_and_5_rules", with_events),
+    ] {
+        let mut layered =
+            ExplainLayer::new(Config::from_yaml_str(&yaml).unwrap()).layer(denying_service());
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || request("application/json"),
+                |req| black_box(now(layered.call(req)).unwrap()),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+
+    // A flood of denials from distinct (spoofed) identities stays within the
+    // configured cap on tracked keys.
+    let yaml = "identity: { header: x-forwarded-user }\nescalation:\n  max_tracked_keys: 10000\n  rules:\n    - { id: stuck, same: [identity], count: 5, within: 10m, notify: [] }\n";
+    let layer = ExplainLayer::new(Config::from_yaml_str(yaml).unwrap());
+    let recorder = layer.recorder().clone();
+    let mut svc = layer.layer(denying_service());
+    let start = std::time::Instant::now();
+    for i in 0..100_000u32 {
+        let mut req = request("application/json");
+        req.headers_mut().insert(
+            "x-forwarded-user",
+            http::HeaderValue::from_str(&format!("spoofed-{i}")).unwrap(),
+        );
+        drop(now(svc.call(req)));
+    }
+    println!(
+        "flood: 100000 denials from distinct identities in {:.2?}; recent store holds {} (cap 10000 by default)",
+        start.elapsed(),
+        recorder.store.len()
+    );
+}
+
+criterion_group!(benches, pass_through, denial, diagnosis, events);
 criterion_main!(benches);

@@ -93,7 +93,7 @@ impl ExplainLayer {
 
     /// A layer whose config can be replaced at run time through `handle`.
     pub fn with_handle(handle: ConfigHandle) -> Self {
-        let recorder = Arc::new(Recorder::new(&handle.load()));
+        let recorder = handle.recorder();
         Self {
             config: handle,
             recorder,
@@ -220,11 +220,7 @@ where
         }
         ResponseFuture {
             inner: Some(self.inner.call(req)),
-            pending: Some(Pending {
-                config,
-                facts,
-                recorder: self.recorder.clone(),
-            }),
+            pending: Some(Pending { config, facts }),
             collecting: None,
             local: None,
         }
@@ -235,7 +231,6 @@ where
 struct Pending {
     config: Arc<Config>,
     facts: RequestFacts,
-    recorder: Arc<Recorder>,
 }
 
 /// A response whydenied makes itself (self-service escalation).
@@ -421,11 +416,7 @@ fn explained(
     if tests::FAIL_NEXT.with(|f| f.replace(false)) {
         panic!("injected failure");
     }
-    let Pending {
-        config,
-        facts,
-        recorder,
-    } = pending;
+    let Pending { config, facts } = pending;
     let upstream = Upstream {
         status: parts.status,
         headers: &parts.headers,
@@ -470,7 +461,9 @@ fn explained(
         now,
     );
     let policy_title = explanation.policy.as_ref().map(|p| p.title.as_str());
-    recorder.denial(config, event, facts.path(), policy_title);
+    if let Some(recorder) = config.recorder.get() {
+        recorder.denial(config, event, facts.path(), policy_title);
+    }
     Ok((headers, body))
 }
 

@@ -212,6 +212,7 @@ pub(super) fn compile(text: &str, name: &str) -> Result<Config, ConfigError> {
         events,
         revision: revision(text),
         hub: std::sync::OnceLock::new(),
+        recorder: std::sync::OnceLock::new(),
     })
 }
 

@@ -52,6 +52,9 @@ pub struct Config {
     pub(crate) events: events::EventSettings,
     pub(crate) revision: String,
     pub(crate) hub: std::sync::OnceLock<crate::events::record::Hub>,
+    /// Recent denials and escalation state: one per handle, carried from
+    /// config to config when the handle's config is replaced.
+    pub(crate) recorder: std::sync::OnceLock<Arc<crate::events::record::Recorder>>,
 }
 
 /// Limits and timeouts of the sidecar proxy (see the config reference).
@@ -124,6 +127,7 @@ fn unreachable_default() -> Config {
         events: events::EventSettings::default(),
         revision: String::new(),
         hub: std::sync::OnceLock::new(),
+        recorder: std::sync::OnceLock::new(),
     }
 }
 
@@ -318,9 +322,22 @@ impl ConfigHandle {
         self.0.load_full()
     }
 
-    /// Replaces the config for requests that start from now on.
+    /// Replaces the config for requests that start from now on. Recent
+    /// denials and escalation state carry over.
     pub fn replace(&self, config: Config) {
+        if let Some(recorder) = self.0.load().recorder.get() {
+            let _ = config.recorder.set(recorder.clone());
+        }
         self.0.store(Arc::new(config));
+    }
+
+    /// The recorder of this handle, created on first use.
+    pub(crate) fn recorder(&self) -> Arc<crate::events::record::Recorder> {
+        let current = self.0.load();
+        current
+            .recorder
+            .get_or_init(|| Arc::new(crate::events::record::Recorder::new(&current)))
+            .clone()
     }
 }
 
