@@ -23,7 +23,7 @@ pub struct RawEvents {
     #[cfg_attr(feature = "schema", schemars(with = "Vec<String>"))]
     pub sinks: Vec<S<String>>,
     /// How many recent denials are kept for lookup and self-service
-    /// escalation. Default 10000.
+    /// escalation (about 2 KiB each). Default 1000.
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(with = "Option<u32>"))]
     pub recent_max: Option<S<u32>>,
@@ -320,7 +320,7 @@ impl Default for EventSettings {
         Self {
             denial_sinks: Vec::new(),
             sinks: Vec::new(),
-            recent_max: 10_000,
+            recent_max: 1_000,
             recent_max_age: Duration::from_secs(3600),
             redact_headers: Vec::new(),
             redact_query_keys: Vec::new(),

@@ -144,54 +144,92 @@ pub async fn serve<S, B>(
     }
 }
 
-fn record_request(status: u16, elapsed: Duration) {
-    let status = status_label(status);
-    metrics::counter!("whydenied_requests_total", "status" => status).increment(1);
-    metrics::histogram!("whydenied_request_duration_seconds").record(elapsed.as_secs_f64());
+/// Metric handles, registered once: recording is then an atomic add, with no
+/// registry lookup per request.
+struct RequestMetrics {
+    by_status: Vec<(u16, metrics::Counter)>,
+    other: Vec<(&'static str, metrics::Counter)>,
+    duration: metrics::Histogram,
 }
 
-/// Status codes as static labels, so recording allocates nothing.
+fn request_metrics() -> &'static RequestMetrics {
+    static METRICS: std::sync::OnceLock<RequestMetrics> = std::sync::OnceLock::new();
+    METRICS.get_or_init(|| RequestMetrics {
+        by_status: KNOWN_STATUSES
+            .iter()
+            .map(|(code, label)| {
+                (
+                    *code,
+                    metrics::counter!("whydenied_requests_total", "status" => *label),
+                )
+            })
+            .collect(),
+        other: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+            .iter()
+            .map(|label| {
+                (
+                    *label,
+                    metrics::counter!("whydenied_requests_total", "status" => *label),
+                )
+            })
+            .collect(),
+        duration: metrics::histogram!("whydenied_request_duration_seconds"),
+    })
+}
+
+fn record_request(status: u16, elapsed: Duration) {
+    let m = request_metrics();
+    match m.by_status.iter().find(|(code, _)| *code == status) {
+        Some((_, counter)) => counter.increment(1),
+        None => {
+            let label = status_label(status);
+            if let Some((_, counter)) = m.other.iter().find(|(l, _)| *l == label) {
+                counter.increment(1);
+            }
+        }
+    }
+    m.duration.record(elapsed.as_secs_f64());
+}
+
+const KNOWN_STATUSES: &[(u16, &str)] = &[
+    (200, "200"),
+    (201, "201"),
+    (202, "202"),
+    (204, "204"),
+    (206, "206"),
+    (301, "301"),
+    (302, "302"),
+    (303, "303"),
+    (304, "304"),
+    (307, "307"),
+    (308, "308"),
+    (400, "400"),
+    (401, "401"),
+    (403, "403"),
+    (404, "404"),
+    (405, "405"),
+    (409, "409"),
+    (413, "413"),
+    (414, "414"),
+    (429, "429"),
+    (431, "431"),
+    (451, "451"),
+    (500, "500"),
+    (502, "502"),
+    (503, "503"),
+    (504, "504"),
+    (101, "101"),
+];
+
+/// The class label of a status not listed in `KNOWN_STATUSES`.
 fn status_label(status: u16) -> &'static str {
-    const KNOWN: &[(u16, &str)] = &[
-        (200, "200"),
-        (201, "201"),
-        (202, "202"),
-        (204, "204"),
-        (206, "206"),
-        (301, "301"),
-        (302, "302"),
-        (303, "303"),
-        (304, "304"),
-        (307, "307"),
-        (308, "308"),
-        (400, "400"),
-        (401, "401"),
-        (403, "403"),
-        (404, "404"),
-        (405, "405"),
-        (409, "409"),
-        (413, "413"),
-        (414, "414"),
-        (429, "429"),
-        (431, "431"),
-        (451, "451"),
-        (500, "500"),
-        (502, "502"),
-        (503, "503"),
-        (504, "504"),
-        (101, "101"),
-    ];
-    KNOWN
-        .iter()
-        .find(|(code, _)| *code == status)
-        .map(|(_, label)| *label)
-        .unwrap_or(match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        })
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
 }
 
 /// Binds a listener, with a clear error.
