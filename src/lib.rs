@@ -51,6 +51,8 @@ pub mod selfservice;
 #[cfg(feature = "sidecar")]
 pub mod sidecar;
 pub mod template;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod token;
 
 pub use body::ExplainBody;

@@ -207,6 +207,11 @@ pub(super) fn compile(text: &str, name: &str) -> Result<Config, ConfigError> {
         expose,
         listen,
         upstream,
+        upstream_ca_file: raw
+            .upstream_tls
+            .as_ref()
+            .and_then(|t| t.ca_file.as_ref())
+            .map(std::path::PathBuf::from),
         admin_listen,
         limits,
         events,

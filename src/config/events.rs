@@ -95,7 +95,7 @@ pub struct RawFileSink {
 #[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "schema", derive(JsonSchema))]
 pub struct RawWebhookSink {
-    /// Where to POST (http://; https:// is not supported yet).
+    /// Where to POST: http://, or https:// with the `tls` feature.
     #[cfg_attr(feature = "schema", schemars(with = "String"))]
     pub url: S<String>,
     /// Time for one attempt. Default `2s`.
@@ -118,6 +118,9 @@ pub struct RawWebhookSink {
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(with = "BTreeMap<String, String>"))]
     pub headers: BTreeMap<String, S<String>>,
+    /// For https: a PEM file of CA certificates trusted besides Mozilla's roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 /// Escalation rules and self-service.
@@ -240,6 +243,8 @@ pub enum SinkKind {
         secret: Option<Vec<u8>>,
         /// Extra headers.
         headers: Vec<(HeaderName, HeaderValue)>,
+        /// CA file for https.
+        ca_file: Option<std::path::PathBuf>,
     },
 }
 
@@ -431,12 +436,14 @@ pub(crate) fn compile(
                 .value
                 .parse()
                 .map_err(|_| err(&w.url.referenced, "`url` is not a URL".into()))?;
-            if url.scheme_str() != Some("http") || url.authority().is_none() {
-                return Err(err(
-                    &w.url.referenced,
-                    "webhook `url` must be http://host[:port]/path (https is not supported yet)"
-                        .into(),
-                ));
+            let scheme_ok = crate::config::scheme_supported(url.scheme_str());
+            if !scheme_ok || url.authority().is_none() {
+                let message = if cfg!(feature = "tls") {
+                    "webhook `url` must be http:// or https://host[:port]/path"
+                } else {
+                    "webhook `url` must be http://host[:port]/path (https needs the `tls` feature)"
+                };
+                return Err(err(&w.url.referenced, message.into()));
             }
             let secret = match (&w.secret_env, &w.secret) {
                 (Some(var), _) => Some(
@@ -470,6 +477,7 @@ pub(crate) fn compile(
                 retries: w.retries.as_ref().map_or(3, |r| r.value.min(10)),
                 secret,
                 headers,
+                ca_file: w.ca_file.as_ref().map(std::path::PathBuf::from),
             }
         } else {
             SinkKind::Stdout

@@ -47,6 +47,7 @@ pub struct Config {
     pub(crate) expose: Expose,
     pub(crate) listen: Option<SocketAddr>,
     pub(crate) upstream: Option<Uri>,
+    pub(crate) upstream_ca_file: Option<std::path::PathBuf>,
     pub(crate) admin_listen: Option<SocketAddr>,
     pub(crate) limits: Limits,
     pub(crate) events: events::EventSettings,
@@ -122,6 +123,7 @@ fn unreachable_default() -> Config {
         expose: Expose::Full,
         listen: None,
         upstream: None,
+        upstream_ca_file: None,
         admin_listen: None,
         limits: Limits::default(),
         events: events::EventSettings::default(),
@@ -211,6 +213,11 @@ impl Config {
         self.upstream.as_ref()
     }
 
+    /// Sidecar: the CA file trusted for an `https://` upstream, if set.
+    pub fn upstream_ca_file(&self) -> Option<&std::path::Path> {
+        self.upstream_ca_file.as_deref()
+    }
+
     /// Sidecar: the admin listener address, if set.
     pub fn admin_listen(&self) -> Option<SocketAddr> {
         self.admin_listen
@@ -268,6 +275,12 @@ pub fn builtin_signatures() -> &'static PolicySet {
 
 /// The text of the built-in signature pack.
 pub const BUILTIN_SIGNATURES: &str = include_str!("../../config/signatures.yaml");
+
+/// Whether whydenied can connect to URLs of this scheme: `http`, and `https`
+/// with the `tls` feature.
+pub(crate) fn scheme_supported(scheme: Option<&str>) -> bool {
+    scheme == Some("http") || (cfg!(feature = "tls") && scheme == Some("https"))
+}
 
 /// An IPv4-mapped IPv6 address as the IPv4 address it is.
 pub(crate) fn canonical(ip: IpAddr) -> IpAddr {

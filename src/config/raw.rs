@@ -30,6 +30,9 @@ pub struct RawConfig {
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
     pub upstream: Option<S<String>>,
+    /// Sidecar only: TLS to an `https://` upstream (feature `tls`).
+    #[serde(default)]
+    pub upstream_tls: Option<RawUpstreamTls>,
     /// Sidecar only: the admin listener (health, metrics, denial lookup).
     #[serde(default)]
     pub admin: Option<RawAdmin>,
@@ -133,6 +136,17 @@ pub struct RawLimits {
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
     pub shutdown_grace: Option<S<String>>,
+}
+
+/// TLS to the upstream.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(JsonSchema))]
+pub struct RawUpstreamTls {
+    /// A PEM file of CA certificates trusted besides Mozilla's roots (for an
+    /// internal CA).
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 /// The sidecar's admin listener.

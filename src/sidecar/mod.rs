@@ -49,9 +49,14 @@ pub enum StartError {
     /// No upstream in the config or on the command line.
     #[error("no upstream: set `upstream: http://host:port` in the config or pass --upstream")]
     NoUpstream,
-    /// The upstream is not a plain http:// URL.
-    #[error("upstream {0} is not supported: use an http://host:port URL")]
+    /// The upstream is not an http:// (or, with `tls`, https://) URL.
+    #[error(
+        "upstream {0} is not supported: use http://host:port (or https:// with the `tls` feature)"
+    )]
     BadUpstream(String),
+    /// The upstream's TLS settings are not usable.
+    #[error("upstream TLS: {0}")]
+    Tls(String),
     /// A listener could not be bound.
     #[error(transparent)]
     Bind(#[from] std::io::Error),
@@ -90,7 +95,8 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         .upstream
         .or_else(|| options.config.upstream().cloned())
         .ok_or(StartError::NoUpstream)?;
-    if upstream_uri.scheme_str() != Some("http") {
+    let scheme_ok = crate::config::scheme_supported(upstream_uri.scheme_str());
+    if !scheme_ok {
         return Err(StartError::BadUpstream(upstream_uri.to_string()));
     }
     let upstream = proxy::Upstream::from_uri(&upstream_uri)
@@ -116,7 +122,8 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let handle = ConfigHandle::new(options.config);
     let layer = ExplainLayer::with_handle(handle.clone()).identity_from_trusted_proxies_only(true);
     let recorder = layer.recorder().clone();
-    let service = layer.layer(proxy::Proxy::new(handle.clone(), upstream.clone()));
+    let proxy = proxy::Proxy::new(handle.clone(), upstream.clone()).map_err(StartError::Tls)?;
+    let service = layer.layer(proxy);
     let admin = admin::Admin::new(handle.clone(), upstream, metrics, recorder);
 
     let (stop, stopped) = watch::channel(false);

@@ -33,7 +33,12 @@ use crate::diagnose::proxy_failure;
 use crate::facts::ClientAddr;
 use crate::id::DenialId;
 
-type UpstreamClient = Client<HttpConnector, Limited<Incoming>>;
+#[cfg(feature = "tls")]
+type Connector = crate::tls::Connector;
+#[cfg(not(feature = "tls"))]
+type Connector = HttpConnector;
+
+type UpstreamClient = Client<Connector, Limited<Incoming>>;
 
 /// Forwards requests to the upstream.
 #[derive(Clone)]
@@ -71,24 +76,29 @@ impl Upstream {
 
 impl Proxy {
     /// A proxy to `upstream`, with limits from the current config.
-    pub fn new(config: ConfigHandle, upstream: Upstream) -> Self {
-        let limits = config.load().limits().clone();
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(limits.upstream_connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
+    pub fn new(config: ConfigHandle, upstream: Upstream) -> Result<Self, String> {
+        let current = config.load();
+        let limits = current.limits().clone();
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(limits.upstream_connect_timeout));
+        http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        #[cfg(feature = "tls")]
+        let connector = crate::tls::connector(http, current.upstream_ca_file())?;
+        #[cfg(not(feature = "tls"))]
+        let connector = http;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(limits.idle_timeout)
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(256)
             .build(connector);
-        Self {
+        Ok(Self {
             inner: Arc::new(Inner {
                 client,
                 config,
                 upstream,
             }),
-        }
+        })
     }
 }
 

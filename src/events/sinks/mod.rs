@@ -121,6 +121,7 @@ fn run(name: &str, kind: SinkKind, rx: Receiver<Arc<str>>) {
             retries,
             secret,
             headers,
+            ca_file,
         } => webhook::run(
             name,
             webhook::Target {
@@ -129,6 +130,7 @@ fn run(name: &str, kind: SinkKind, rx: Receiver<Arc<str>>) {
                 retries,
                 secret,
                 headers,
+                ca_file,
             },
             rx,
             &throttle,

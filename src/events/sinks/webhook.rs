@@ -24,6 +24,25 @@ pub(super) struct Target {
     pub(super) retries: u32,
     pub(super) secret: Option<Vec<u8>>,
     pub(super) headers: Vec<(HeaderName, HeaderValue)>,
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(super) ca_file: Option<std::path::PathBuf>,
+}
+
+#[cfg(feature = "tls")]
+type Connector = crate::tls::Connector;
+#[cfg(not(feature = "tls"))]
+type Connector = HttpConnector;
+
+fn make_connector(http: HttpConnector, target: &Target) -> Result<Connector, String> {
+    #[cfg(feature = "tls")]
+    {
+        crate::tls::connector(http, target.ca_file.as_deref())
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = target;
+        Ok(http)
+    }
 }
 
 /// The signature header value for `body`.
@@ -67,9 +86,19 @@ pub(super) fn run(name: &str, target: Target, rx: Receiver<Arc<str>>, throttle: 
             return;
         }
     };
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(target.timeout));
-    let client: Client<HttpConnector, Full<Bytes>> = runtime.block_on(async {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(target.timeout));
+    let connector = match make_connector(http, &target) {
+        Ok(c) => c,
+        Err(e) => {
+            failed(name, throttle, &e);
+            for _ in rx {
+                dropped(name, throttle, "sink not running");
+            }
+            return;
+        }
+    };
+    let client: Client<Connector, Full<Bytes>> = runtime.block_on(async {
         Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector)
