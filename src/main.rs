@@ -94,38 +94,7 @@ enum Command {
     },
     /// Explain a response offline: what the caller would get, and the full
     /// diagnosis. With --corpus, evaluate the diagnosis on labelled samples.
-    Explain {
-        /// A config whose policies and signatures to use (default: none, built-in signatures).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// The request method.
-        #[arg(long, default_value = "GET")]
-        method: String,
-        /// The request URL or path.
-        #[arg(long, default_value = "/")]
-        url: String,
-        /// A request header, `name: value` (repeatable).
-        #[arg(long = "request-header", value_name = "HEADER")]
-        request_headers: Vec<String>,
-        /// The response status.
-        #[arg(long, default_value_t = 403)]
-        status: u16,
-        /// The reason phrase of the status line, if it says something.
-        #[arg(long)]
-        reason: Option<String>,
-        /// A response header, `name: value` (repeatable).
-        #[arg(long = "response-header", value_name = "HEADER")]
-        response_headers: Vec<String>,
-        /// A file holding the response body.
-        #[arg(long)]
-        body_file: Option<PathBuf>,
-        /// Output format.
-        #[arg(long, value_enum, default_value = "text")]
-        format: ExplainFormat,
-        /// Evaluate every sample in this directory (the format of ../shared/corpus).
-        #[arg(long)]
-        corpus: Option<PathBuf>,
-    },
+    Explain(ExplainArgs),
     /// Print a recent denial, looked up by its id on the admin listener.
     Lookup {
         /// The denial id (from `x-denial-id` or the caller's page).
@@ -159,29 +128,7 @@ fn main() -> ExitCode {
             println!("{}", schema(of));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Explain {
-            config,
-            method,
-            url,
-            request_headers,
-            status,
-            reason,
-            response_headers,
-            body_file,
-            format,
-            corpus,
-        } => explain(ExplainArgs {
-            config,
-            method,
-            url,
-            request_headers,
-            status,
-            reason,
-            response_headers,
-            body_file,
-            format,
-            corpus,
-        }),
+        Command::Explain(args) => explain(args),
         Command::Lookup { id, admin, json } => {
             runtime().and_then(|rt| rt.block_on(lookup(&id, admin, json)))
         }
@@ -382,16 +329,37 @@ Press Ctrl-C to stop.
     );
 }
 
+#[derive(clap::Args)]
 struct ExplainArgs {
+    /// A config whose policies and signatures to use (default: none, built-in signatures).
+    #[arg(long, short)]
     config: Option<PathBuf>,
+    /// The request method.
+    #[arg(long, default_value = "GET")]
     method: String,
+    /// The request URL or path.
+    #[arg(long, default_value = "/")]
     url: String,
+    /// A request header, `name: value` (repeatable).
+    #[arg(long = "request-header", value_name = "HEADER")]
     request_headers: Vec<String>,
+    /// The response status.
+    #[arg(long, default_value_t = 403)]
     status: u16,
+    /// The reason phrase of the status line, if it says something.
+    #[arg(long)]
     reason: Option<String>,
+    /// A response header, `name: value` (repeatable).
+    #[arg(long = "response-header", value_name = "HEADER")]
     response_headers: Vec<String>,
+    /// A file holding the response body.
+    #[arg(long)]
     body_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
     format: ExplainFormat,
+    /// Evaluate every sample in this directory (the format of ../shared/corpus).
+    #[arg(long)]
     corpus: Option<PathBuf>,
 }
 

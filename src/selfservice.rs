@@ -210,6 +210,15 @@ where
         .to_ascii_lowercase();
     // A form-encoded note can be three times its text; read no more.
     let limit = settings.max_note_bytes * 3 + 16;
+    let too_long = || {
+        refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Note too long",
+            "Shorten the note and send it again.",
+            &id,
+            format,
+        )
+    };
     let mut body = std::pin::pin!(req.into_body());
     let mut raw = Vec::new();
     while let Some(frame) = body.frame().await {
@@ -224,13 +233,7 @@ where
         };
         if let Ok(mut data) = frame.into_data() {
             if raw.len() + data.remaining() > limit {
-                return refuse(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "Note too long",
-                    "Shorten the note and send it again.",
-                    &id,
-                    format,
-                );
+                return too_long();
             }
             while data.has_remaining() {
                 let chunk = data.chunk();
@@ -250,13 +253,7 @@ where
         );
     };
     if note.len() > settings.max_note_bytes {
-        return refuse(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "Note too long",
-            "Shorten the note and send it again.",
-            &id,
-            format,
-        );
+        return too_long();
     }
     let note = crate::events::redact::scrub(&clean(&note, settings.max_note_bytes));
     let denial = recorded.event;

@@ -71,20 +71,11 @@ pub fn set_headers(
     for name in BODY_HEADERS {
         headers.remove(*name);
     }
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(format.content_type()),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
+    set_common_headers(headers, format, body_len);
     headers.insert(
         crate::DENIAL_ID_HEADER,
         HeaderValue::from_str(denial_id.as_str())?,
     );
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
     if format == Negotiated::Html {
         headers.insert(
             header::CONTENT_SECURITY_POLICY,
@@ -101,6 +92,21 @@ pub fn set_headers(
         headers.append(header::VARY, HeaderValue::from_static("accept"));
     }
     Ok(())
+}
+
+/// What every response whydenied writes carries: its type and length, and
+/// that it must be neither cached nor sniffed.
+pub(crate) fn set_common_headers(headers: &mut HeaderMap, format: Negotiated, body_len: usize) {
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
 }
 
 /// A whole response for an explanation that whydenied makes itself (such as

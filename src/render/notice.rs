@@ -102,17 +102,8 @@ pub fn response(notice: &Notice<'_>, format: Negotiated, head: bool) -> Response
     });
     *res.status_mut() = notice.status;
     let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(format.content_type()),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
+    super::set_common_headers(h, format, body.len());
     h.insert(header::VARY, HeaderValue::from_static("accept"));
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     if format == Negotiated::Html {
         h.insert(
             header::CONTENT_SECURITY_POLICY,

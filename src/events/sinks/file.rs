@@ -47,20 +47,6 @@ pub(super) fn run(
     let mut current: Option<(File, u64)> = None;
     for line in rx {
         let needed = line.len() as u64 + 1;
-        if current.is_none() {
-            match open(path) {
-                Ok(f) => current = Some(f),
-                Err(e) => {
-                    failed(
-                        name,
-                        throttle,
-                        &format!("cannot open {}: {e}", path.display()),
-                    );
-                    dropped(name, throttle, "file unavailable");
-                    continue;
-                }
-            }
-        }
         if let Some((_, len)) = &current
             && *len > 0
             && len + needed > max_bytes
@@ -73,6 +59,8 @@ pub(super) fn run(
                     &format!("cannot rotate {}: {e}", path.display()),
                 );
             }
+        }
+        if current.is_none() {
             match open(path) {
                 Ok(f) => current = Some(f),
                 Err(e) => {
