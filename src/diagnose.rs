@@ -309,11 +309,8 @@ pub fn identity_record(
 /// The caller's identity: the configured header, else the configured claim of
 /// the bearer token (unverified).
 fn identity(config: &Config, facts: &RequestFacts) -> Option<Identity> {
-    if let Some(value) = &facts.identity_header {
-        let name = clean(
-            &String::from_utf8_lossy(value.as_bytes()),
-            MAX_REFLECTED_CHARS,
-        );
+    if let Some(value) = facts.identity_header() {
+        let name = clean(&String::from_utf8_lossy(value), MAX_REFLECTED_CHARS);
         if !name.trim().is_empty() {
             return Some(Identity {
                 name,

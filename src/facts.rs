@@ -28,17 +28,39 @@ const MAX_FORWARDED_HOPS: usize = 32;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
 
+/// Bytes of small request values copied inline: copying a few hundred bytes
+/// costs less than the reference-count traffic of cloning each value.
+const INLINE_BYTES: usize = 320;
+
+/// A captured value: copied into the inline buffer when it fits, else the
+/// (reference-counted) original.
+#[derive(Clone, Debug, Default)]
+enum Fact {
+    #[default]
+    Absent,
+    Inline {
+        start: u16,
+        len: u16,
+    },
+    Shared(HeaderValue),
+}
+
 /// What is kept of a request until its response is known.
 #[derive(Debug)]
 pub struct RequestFacts {
     pub(crate) method: Method,
-    pub(crate) uri: Uri,
-    pub(crate) host: Option<HeaderValue>,
-    pub(crate) accept: Option<HeaderValue>,
+    inline: [u8; INLINE_BYTES],
+    inline_used: usize,
+    path_and_query: Fact,
+    /// Only when the path does not fit inline.
+    long_uri: Option<Uri>,
+    authority: Fact,
+    host: Fact,
+    accept: Fact,
+    user_agent: Fact,
+    identity_header: Fact,
     pub(crate) authorization: Option<HeaderValue>,
-    pub(crate) identity_header: Option<HeaderValue>,
     pub(crate) forwarded_for: Option<HeaderValue>,
-    pub(crate) user_agent: Option<HeaderValue>,
     pub(crate) has_cookie: bool,
     pub(crate) has_api_key: bool,
     /// False when the request is not known (explaining a bare response).
@@ -48,6 +70,75 @@ pub struct RequestFacts {
 }
 
 impl RequestFacts {
+    /// Keeps `value` inline if it fits.
+    fn keep(&mut self, value: &HeaderValue) -> Fact {
+        let bytes = value.as_bytes();
+        match self.keep_bytes(bytes) {
+            Some(f) => f,
+            None => Fact::Shared(value.clone()),
+        }
+    }
+
+    fn keep_bytes(&mut self, bytes: &[u8]) -> Option<Fact> {
+        let start = self.inline_used;
+        let end = start.checked_add(bytes.len())?;
+        if end > INLINE_BYTES {
+            return None;
+        }
+        self.inline[start..end].copy_from_slice(bytes);
+        self.inline_used = end;
+        Some(Fact::Inline {
+            start: start as u16,
+            len: bytes.len() as u16,
+        })
+    }
+
+    fn bytes<'a>(&'a self, fact: &'a Fact) -> Option<&'a [u8]> {
+        match fact {
+            Fact::Absent => None,
+            Fact::Inline { start, len } => self
+                .inline
+                .get(*start as usize..*start as usize + *len as usize),
+            Fact::Shared(v) => Some(v.as_bytes()),
+        }
+    }
+
+    fn text<'a>(&'a self, fact: &'a Fact) -> Option<&'a str> {
+        self.bytes(fact).and_then(|b| std::str::from_utf8(b).ok())
+    }
+
+    /// The `Accept` header, as sent.
+    pub fn accept(&self) -> Option<&[u8]> {
+        self.bytes(&self.accept)
+    }
+
+    /// The `User-Agent` header, as sent.
+    pub fn user_agent(&self) -> Option<&[u8]> {
+        self.bytes(&self.user_agent)
+    }
+
+    /// The identity header, as sent (if the config names one).
+    pub fn identity_header(&self) -> Option<&[u8]> {
+        self.bytes(&self.identity_header)
+    }
+
+    /// Forgets the identity header (sent by a peer that may not set it).
+    pub(crate) fn drop_identity_header(&mut self) {
+        self.identity_header = Fact::Absent;
+    }
+
+    /// The query, if any.
+    pub fn query(&self) -> Option<&str> {
+        self.path_and_query_str().split_once('?').map(|(_, q)| q)
+    }
+
+    fn path_and_query_str(&self) -> &str {
+        if let Some(uri) = &self.long_uri {
+            return uri.path_and_query().map_or("/", |p| p.as_str());
+        }
+        self.text(&self.path_and_query).unwrap_or("/")
+    }
+
     /// Captures what `config` needs from `req`.
     pub fn capture<B>(req: &Request<B>, config: &Config) -> Self {
         let headers = req.headers();
@@ -57,55 +148,71 @@ impl RequestFacts {
                 *slot = headers.get(name).cloned();
             }
         }
-        let mut host = None;
-        let mut accept = None;
-        let mut authorization = None;
-        let mut identity_header = None;
-        let mut forwarded_for = None;
-        let mut user_agent = None;
-        let mut has_cookie = false;
-        let mut has_api_key = false;
-        let identity_name = config.identity_header();
-        let want_xff = config.has_trusted_proxies();
-        for (name, value) in headers {
-            if name == HOST {
-                host.get_or_insert_with(|| value.clone());
-            } else if name == ACCEPT {
-                accept.get_or_insert_with(|| value.clone());
-            } else if name == AUTHORIZATION {
-                authorization.get_or_insert_with(|| value.clone());
-            } else if name == USER_AGENT {
-                user_agent.get_or_insert_with(|| value.clone());
-            } else if name == COOKIE {
-                has_cookie = true;
-            } else if identity_name == Some(name) {
-                identity_header.get_or_insert_with(|| value.clone());
-            } else if want_xff && name.as_str() == "x-forwarded-for" {
-                forwarded_for.get_or_insert_with(|| value.clone());
-            } else if config.api_key_headers().contains(name) {
-                has_api_key = true;
-            }
-        }
         let peer = req
             .extensions()
             .get::<ClientAddr>()
             .map(|a| a.0)
             .or_else(|| axum_peer(req));
-        Self {
+        let mut facts = Self {
             method: req.method().clone(),
-            uri: req.uri().clone(),
-            host,
-            accept,
-            authorization,
-            identity_header,
-            forwarded_for,
-            user_agent,
-            has_cookie,
-            has_api_key,
+            inline: [0; INLINE_BYTES],
+            inline_used: 0,
+            path_and_query: Fact::Absent,
+            long_uri: None,
+            authority: Fact::Absent,
+            host: Fact::Absent,
+            accept: Fact::Absent,
+            user_agent: Fact::Absent,
+            identity_header: Fact::Absent,
+            authorization: None,
+            forwarded_for: None,
+            has_cookie: false,
+            has_api_key: false,
             credentials_known: true,
             peer,
             captured,
+        };
+        let uri = req.uri();
+        match uri
+            .path_and_query()
+            .and_then(|p| facts.keep_bytes(p.as_str().as_bytes()))
+        {
+            Some(f) => facts.path_and_query = f,
+            None => facts.long_uri = Some(uri.clone()),
         }
+        if let Some(a) = uri.authority() {
+            facts.authority = facts.keep_bytes(a.as_str().as_bytes()).unwrap_or_default();
+        }
+        let identity_name = config.identity_header();
+        let want_xff = config.has_trusted_proxies();
+        for (name, value) in headers {
+            if name == HOST {
+                if matches!(facts.host, Fact::Absent) {
+                    facts.host = facts.keep(value);
+                }
+            } else if name == ACCEPT {
+                if matches!(facts.accept, Fact::Absent) {
+                    facts.accept = facts.keep(value);
+                }
+            } else if name == AUTHORIZATION {
+                facts.authorization.get_or_insert_with(|| value.clone());
+            } else if name == USER_AGENT {
+                if matches!(facts.user_agent, Fact::Absent) {
+                    facts.user_agent = facts.keep(value);
+                }
+            } else if name == COOKIE {
+                facts.has_cookie = true;
+            } else if identity_name == Some(name) {
+                if matches!(facts.identity_header, Fact::Absent) {
+                    facts.identity_header = facts.keep(value);
+                }
+            } else if want_xff && name.as_str() == "x-forwarded-for" {
+                facts.forwarded_for.get_or_insert_with(|| value.clone());
+            } else if config.api_key_headers().contains(name) {
+                facts.has_api_key = true;
+            }
+        }
+        facts
     }
 
     /// The request method.
@@ -115,14 +222,15 @@ impl RequestFacts {
 
     /// The request path, without the query.
     pub fn path(&self) -> &str {
-        self.uri.path()
+        let pq = self.path_and_query_str();
+        pq.split_once('?').map_or(pq, |(p, _)| p)
     }
 
     /// The requested host without its port, from `Host` or the URI authority.
     pub fn host(&self) -> Option<&str> {
         let raw = match &self.host {
-            Some(v) => v.to_str().ok()?,
-            None => self.uri.authority()?.as_str(),
+            Fact::Absent => self.text(&self.authority)?,
+            host => self.text(host)?,
         };
         Some(strip_port(raw))
     }
@@ -242,6 +350,31 @@ mod tests {
         assert_eq!(f.client_ip(&c), Some("10.0.0.2".parse().unwrap()));
         let f = facts("10.0.0.1:1", Some("[2001:db8::1]:443"), &c);
         assert_eq!(f.client_ip(&c), Some("2001:db8::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn small_values_are_copied_and_long_ones_kept_whole() {
+        let c = Config::default();
+        let long_path = format!("/{}?q=1", "a".repeat(400));
+        let ua = "agent/".repeat(100);
+        let req = Request::get(long_path.as_str())
+            .header("host", "example.com:8443")
+            .header("accept", "text/html")
+            .header("user-agent", ua.as_str())
+            .body(())
+            .unwrap();
+        let f = RequestFacts::capture(&req, &c);
+        assert_eq!(f.path(), &long_path[..401]);
+        assert_eq!(f.query(), Some("q=1"));
+        assert_eq!(f.host(), Some("example.com"));
+        assert_eq!(f.accept(), Some(&b"text/html"[..]));
+        assert_eq!(f.user_agent(), Some(ua.as_bytes()));
+        let req = Request::get("http://h2.example/x?y").body(()).unwrap();
+        let f = RequestFacts::capture(&req, &c);
+        assert_eq!(
+            (f.path(), f.query(), f.host()),
+            ("/x", Some("y"), Some("h2.example"))
+        );
     }
 
     #[test]

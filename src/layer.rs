@@ -191,10 +191,10 @@ where
         let config = self.config.load();
         let mut facts = RequestFacts::capture(&req, &config);
         if self.trusted_identity_only
-            && facts.identity_header.is_some()
+            && facts.identity_header().is_some()
             && !facts.peer.is_some_and(|p| config.is_trusted_proxy(p.ip()))
         {
-            facts.identity_header = None;
+            facts.drop_identity_header();
         }
         if let Some(settings) = &config.events().self_service
             && req.method() == Method::POST
@@ -442,7 +442,7 @@ fn explained(
     )
     .increment(1);
 
-    let format = Negotiated::from_accept(facts.accept.as_ref());
+    let format = Negotiated::from_accept_bytes(facts.accept());
     let rendered = render::render(&explanation.caller_view(), format);
 
     let mut headers = parts.headers.clone();

@@ -33,7 +33,12 @@ impl Negotiated {
 
     /// Chooses a format for this `Accept` header.
     pub fn from_accept(accept: Option<&HeaderValue>) -> Self {
-        let Some(accept) = accept.and_then(|v| v.to_str().ok()) else {
+        Self::from_accept_bytes(accept.map(HeaderValue::as_bytes))
+    }
+
+    /// Chooses a format for the raw bytes of an `Accept` header.
+    pub fn from_accept_bytes(accept: Option<&[u8]>) -> Self {
+        let Some(accept) = accept.and_then(|v| std::str::from_utf8(v).ok()) else {
             return Negotiated::ProblemJson;
         };
         // (q in thousandths, specificity) for json, html, text.

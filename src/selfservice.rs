@@ -154,7 +154,7 @@ where
     B: Body,
     B::Error: std::fmt::Display,
 {
-    let format = Negotiated::from_accept(facts.accept.as_ref());
+    let format = Negotiated::from_accept_bytes(facts.accept());
     let Some(settings) = config.events().self_service.clone() else {
         return refuse(
             StatusCode::NOT_FOUND,

@@ -102,7 +102,7 @@ pub fn denial_event(
         ts: rfc3339(now),
         status: explanation.status.as_u16(),
         method: clean(facts.method().as_str(), 32),
-        url: redactor.url(facts.path(), facts.uri.query()),
+        url: redactor.url(facts.path(), facts.query()),
         host: clean(facts.host().unwrap_or(""), 256),
         client_ip: explanation.client_ip,
         identity: explanation.identity.as_ref().map(|i| IdentityRecord {
@@ -114,9 +114,8 @@ pub fn denial_event(
             },
         }),
         user_agent: facts
-            .user_agent
-            .as_ref()
-            .map(|v| scrub(&clean(&String::from_utf8_lossy(v.as_bytes()), 256)))
+            .user_agent()
+            .map(|v| scrub(&clean(&String::from_utf8_lossy(v), 256)))
             .unwrap_or_default(),
         policy: explanation.policy.as_ref().map(|p| PolicyRecord {
             id: p.id.clone(),
