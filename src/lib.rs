@@ -33,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod body;
+mod causes;
 pub mod config;
 pub mod corpus;
 pub mod detect;

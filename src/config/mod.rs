@@ -8,6 +8,7 @@
 mod compile;
 mod error;
 pub mod events;
+mod policies;
 pub mod raw;
 
 use std::net::{IpAddr, SocketAddr};
@@ -266,7 +267,7 @@ impl Config {
 pub fn builtin_signatures() -> &'static PolicySet {
     static PACK: std::sync::OnceLock<PolicySet> = std::sync::OnceLock::new();
     PACK.get_or_init(|| {
-        compile::compile_pack(BUILTIN_SIGNATURES, "config/signatures.yaml").unwrap_or_else(|e| {
+        policies::compile_pack(BUILTIN_SIGNATURES, "config/signatures.yaml").unwrap_or_else(|e| {
             tracing::error!(target: "whydenied", error = %e, "the built-in signature pack does not compile");
             PolicySet::default()
         })

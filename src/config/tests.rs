@@ -245,7 +245,7 @@ fn limits_and_durations() {
 
 #[test]
 fn the_builtin_signature_pack_compiles() {
-    let pack = compile::compile_pack(BUILTIN_SIGNATURES, "config/signatures.yaml")
+    let pack = super::policies::compile_pack(BUILTIN_SIGNATURES, "config/signatures.yaml")
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(pack.len() >= 40, "{} signatures", pack.len());
 }
