@@ -18,14 +18,16 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`config`] | the YAML config: parse → validate → compile, errors with locations |
-//! | [`policy`] | compiled policies and first-match matching |
+//! | [`policy`] | compiled policies and signatures, first-match matching |
 //! | [`facts`] | what is captured of a request before it is handed on |
-//! | [`diagnose`] | policies plus built-in detectors → [`Explanation`] |
+//! | [`diagnose`], [`detect`] | policies, signatures and detectors → [`Explanation`] |
 //! | [`explanation`] | the vocabulary: causes, likelihoods, remediation, exposure |
-//! | [`negotiate`] | choosing problem+json, HTML or text from `Accept` |
-//! | [`render`] | the three output formats |
-//! | [`layer`] | the Tower layer and its response future |
-//! | [`body`] | the layer's response body |
+//! | [`negotiate`], [`render`] | choosing and writing problem+json, HTML or text |
+//! | [`layer`], [`body`] | the Tower layer, its response future and body |
+//! | [`events`] | denial and escalation events, redaction, recent store, sinks |
+//! | [`escalation`], [`selfservice`] | escalation rules; "request access" |
+//! | [`corpus`] | evaluating the diagnosis on labelled denials |
+//! | `sidecar` (feature) | the reverse proxy, admin listener, reload, demo |
 //!
 //! See the [`layer`] module for a runnable example.
 

@@ -1,5 +1,5 @@
 //! The config: read from YAML into raw types ([`raw`]), validated and compiled
-//! ([`compile`]) into a [`Config`] that is used as it is at request time:
+//! (`compile.rs`, `policies.rs`) into a [`Config`] that is used as it is at request time:
 //! globs, networks, regexes and templates are all built once.
 //!
 //! A config is either wholly valid or refused with the file, line and column

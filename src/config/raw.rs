@@ -1,6 +1,6 @@
 //! The config file as written: serde types that keep the location of every
 //! value that can be wrong, so that validation can point at it. Nothing here
-//! is used at request time; [`super::compile`] turns it into [`super::Config`].
+//! is used at request time; `compile.rs` turns it into [`super::Config`].
 //!
 //! The doc comments on these types are the config reference: they become the
 //! descriptions in the published JSON Schema (`whydenied schema`).

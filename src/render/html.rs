@@ -27,7 +27,7 @@ a{color:inherit}\
 button{font:inherit;padding:.5rem 1rem;border-radius:.4rem;border:1px solid var(--line);background:var(--accent);color:#fff;cursor:pointer}\
 textarea{width:100%;min-height:4rem;font:inherit;margin:.5rem 0}";
 
-/// The CSP hash of [`STYLE`] (`'sha256-…'`), checked by a test.
+/// The CSP hash of the page's style sheet (`'sha256-…'`), checked by a test.
 pub const STYLE_CSP_HASH: &str = "sha256-P2GWp16lpJIce3mhAJHV8HUFuTgZjpS/oIkcGAkoqX0=";
 
 pub(super) fn render(e: &Explanation) -> String {
