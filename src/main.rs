@@ -321,7 +321,14 @@ Try these (the status never changes; the explanation follows Accept):
   # An ordinary page:
   curl -i {u}/
 
-Open {u}/admin/users in a browser to see the page.
+  # "Request access" for a denial (take the id from x-denial-id; only the
+  # caller who was denied may): the escalation event appears below.
+  curl -s -X POST {u}/.whydenied/denials/DENIAL_ID/escalate -H 'x-forwarded-user: bob' -d 'note=I run the Q3 report'
+  # Look a denial up as an admin:
+  cargo run -- lookup DENIAL_ID --admin http://{admin}
+
+Open {u}/admin/users in a browser to see the page. Every denial and
+escalation is also printed below as one JSON event (the `console` sink).
 Admin listener: http://{admin}/healthz  http://{admin}/readyz  http://{admin}/metrics
 
 Press Ctrl-C to stop.
