@@ -268,6 +268,17 @@ async fn a_slow_upstream_is_an_explained_504() {
 }
 
 #[tokio::test]
+async fn a_denial_body_that_stalls_is_explained_after_the_idle_timeout() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("limits: { idle_timeout: 300ms }\n", up).await;
+    let res = tokio::time::timeout(GUARD, send(p.addr, get(p.addr, "/stalled-denial")))
+        .await
+        .expect("the stalled body held the response");
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert!(res.headers().contains_key("x-denial-id"));
+}
+
+#[tokio::test]
 async fn a_declared_oversized_body_is_413() {
     let (up, _) = upstream::start().await;
     let p = proxy("limits: { max_request_body_bytes: 1024 }\n", up).await;

@@ -122,7 +122,9 @@ pub struct RawLimits {
     #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
     pub upstream_response_timeout: Option<S<String>>,
     /// How long an idle connection is kept, to the client and to the
-    /// upstream. Default `60s`.
+    /// upstream, and how long an upstream body may send nothing before the
+    /// proxy gives up on it (a stalled denial body is then explained with what
+    /// was read). Default `60s`.
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
     pub idle_timeout: Option<S<String>>,

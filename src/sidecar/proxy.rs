@@ -108,23 +108,57 @@ pin_project! {
     #[allow(missing_docs)]
     pub enum ProxyBody {
         /// Streamed from the upstream.
-        Upstream { #[pin] body: Incoming },
+        Upstream {
+            #[pin] body: Incoming,
+            #[pin] idle: tokio::time::Sleep,
+            timeout: Duration,
+        },
         /// Made by the proxy (an explained failure).
         Local { #[pin] body: Full<Bytes> },
     }
 }
 
+/// Why a proxied body ended early.
+type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+impl ProxyBody {
+    /// The upstream's body, failing if it sends nothing for `timeout`.
+    fn upstream(body: Incoming, timeout: Duration) -> Self {
+        ProxyBody::Upstream {
+            body,
+            idle: tokio::time::sleep(timeout),
+            timeout,
+        }
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.project() {
-            ProxyBodyProj::Upstream { body } => body.poll_frame(cx),
+            ProxyBodyProj::Upstream {
+                body,
+                mut idle,
+                timeout,
+            } => match body.poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + *timeout);
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+                Poll::Pending => match idle.poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(
+                        "the upstream sent nothing for the idle timeout".into(),
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                },
+            },
             ProxyBodyProj::Local { body } => body
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(|never: Infallible| match never {}))),
@@ -134,7 +168,7 @@ impl Body for ProxyBody {
     #[inline]
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream { body } => body.is_end_stream(),
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
             ProxyBody::Local { body } => body.is_end_stream(),
         }
     }
@@ -142,7 +176,7 @@ impl Body for ProxyBody {
     #[inline]
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Upstream { body } => body.size_hint(),
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
             ProxyBody::Local { body } => body.size_hint(),
         }
     }
@@ -286,7 +320,7 @@ impl Inner {
             });
             let (mut parts, body) = response.into_parts();
             hop::strip_hop_by_hop(&mut parts.headers, true);
-            return Response::from_parts(parts, ProxyBody::Upstream { body });
+            return Response::from_parts(parts, ProxyBody::upstream(body, limits.idle_timeout));
         }
 
         let (mut parts, body) = response.into_parts();
@@ -302,7 +336,7 @@ impl Inner {
                     .insert(crate::policy::UpstreamReason(reason));
             }
         }
-        Response::from_parts(parts, ProxyBody::Upstream { body })
+        Response::from_parts(parts, ProxyBody::upstream(body, limits.idle_timeout))
     }
 }
 

@@ -72,6 +72,26 @@ impl Body for WithTrailers {
     }
 }
 
+/// One data frame, then nothing, ever.
+struct Stalling(bool);
+
+impl Body for Stalling {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.0 {
+            return Poll::Pending;
+        }
+        self.0 = true;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+            b"partial denial body",
+        )))))
+    }
+}
+
 async fn answer(state: Arc<UpstreamState>, mut req: Request<Incoming>) -> Response<UpBody> {
     match req.uri().path() {
         "/echo-headers" => {
@@ -112,6 +132,11 @@ async fn answer(state: Arc<UpstreamState>, mut req: Request<Incoming>) -> Respon
             full(StatusCode::OK, "slow but complete")
         }
         "/hang" => std::future::pending().await,
+        "/stalled-denial" => {
+            let mut res = Response::new(Stalling(false).boxed());
+            *res.status_mut() = StatusCode::FORBIDDEN;
+            res
+        }
         "/trailers" => {
             let mut res = Response::new(WithTrailers(0).boxed());
             res.headers_mut()
