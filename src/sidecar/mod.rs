@@ -73,6 +73,7 @@ pub struct Running {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     reloader: Option<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Running {
@@ -82,6 +83,9 @@ impl Running {
         let _ = self.stop.send(true);
         if let Some(r) = self.reloader.take() {
             r.abort();
+        }
+        for task in self.background.drain(..) {
+            task.abort();
         }
         for task in self.tasks.drain(..) {
             let _ = task.await;
@@ -124,6 +128,16 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let recorder = layer.recorder().clone();
     let proxy = proxy::Proxy::new(handle.clone(), upstream.clone()).map_err(StartError::Tls)?;
     let service = layer.layer(proxy);
+    // Histogram samples wait in the recorder until drained: drain them every
+    // few seconds, not only when /metrics is scraped, so memory stays bounded.
+    let upkeep_handle = metrics.clone();
+    let upkeep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep_handle.run_upkeep();
+        }
+    });
     let admin = admin::Admin::new(handle.clone(), upstream, metrics, recorder);
 
     let (stop, stopped) = watch::channel(false);
@@ -153,6 +167,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let reloader = options
         .config_path
         .map(|path| tokio::spawn(reload::Reloader::new(path, handle.clone()).run()));
+    let background = vec![upkeep];
     tracing::info!(
         target: "whydenied",
         listen = %addr,
@@ -168,5 +183,6 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
         stop,
         tasks: vec![data_task, admin_task],
         reloader,
+        background,
     })
 }
