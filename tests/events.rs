@@ -577,3 +577,44 @@ async fn secrets_never_reach_a_sink_a_log_or_a_page() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test]
+async fn a_widespread_rule_fires_on_distinct_callers_only() {
+    let (up, _) = upstream::start().await;
+    let mut hook = receiver::start(SECRET).await;
+    let dir = temp_dir("wide");
+    let extra = "escalation:\n  rules:\n    - { id: regression, same: [policy], distinct: identity, count: 3, within: 5m, cooldown: 1h, notify: [hook] }\n";
+    let p = start(&config(hook.addr, &dir.join("e.jsonl"), extra), up).await;
+    let mut sent = 0;
+    for who in ["bob", "bob", "bob", "bob", "carol", "carol", "dave"] {
+        common::send(p.addr, req(p.addr, "/denied", &[("x-forwarded-user", who)])).await;
+        sent += 1;
+    }
+    let mut escalations = Vec::new();
+    // Every denial is delivered, plus exactly one escalation, after dave's.
+    for _ in 0..sent + 1 {
+        let d = next(&mut hook.deliveries).await;
+        if d.json["event"] == "escalation" {
+            escalations.push(d.json);
+        }
+    }
+    assert_eq!(escalations.len(), 1, "{escalations:?}");
+    let e = &escalations[0];
+    assert_eq!(e["rule"], "regression");
+    assert_eq!(e["distinct_identities"], 3);
+    assert!(
+        e["summary"]
+            .as_str()
+            .unwrap()
+            .contains("3 different callers were denied by policy `admin-console`")
+    );
+    let mut who: Vec<&str> = e["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    who.sort();
+    assert_eq!(who, ["bob", "carol", "dave"]);
+    std::fs::remove_dir_all(&dir).ok();
+}
