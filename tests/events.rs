@@ -618,3 +618,35 @@ async fn a_widespread_rule_fires_on_distinct_callers_only() {
     assert_eq!(who, ["bob", "carol", "dave"]);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test]
+async fn an_unwritable_file_sink_is_counted_not_fatal() {
+    let (up, _) = upstream::start().await;
+    let hook = receiver::start(SECRET).await;
+    let dir = temp_dir("unwritable");
+    // The file's directory does not exist: every write fails.
+    let missing = dir.join("no-such-dir").join("events.jsonl");
+    let yaml = config(hook.addr, &missing, "")
+        .replace("sinks: [audit, hook]", "sinks: [badfile]")
+        .replace("\n  audit:", "\n  badfile:");
+    let p = start(&yaml, up).await;
+    for _ in 0..3 {
+        let res = common::send(p.addr, req(p.addr, "/denied", &[])).await;
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        assert!(res.headers().contains_key("x-denial-id"));
+    }
+    tokio::time::timeout(GUARD, async {
+        loop {
+            let text = metrics(&p).await;
+            if text.contains("whydenied_sink_errors_total{sink=\"badfile\"} 3")
+                && text.contains("whydenied_events_dropped_total{sink=\"badfile\"} 3")
+            {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the failed writes were never counted");
+    std::fs::remove_dir_all(&dir).ok();
+}
