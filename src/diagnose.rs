@@ -195,15 +195,7 @@ pub fn explain(
                 .as_ref()
                 .map(|t| t.render(&vars))
                 .unwrap_or_else(|| text.detail.to_owned());
-            explanation.remediation = p
-                .remediation
-                .iter()
-                .map(|s| Remediation {
-                    step: s.text.render(&vars),
-                    audience: s.audience,
-                    effort: s.effort,
-                })
-                .collect();
+            explanation.remediation = steps(&p.remediation, &vars);
             explanation.policy = Some(PolicyRef {
                 id: p.id.clone(),
                 title: explanation.title.clone(),
@@ -219,15 +211,7 @@ pub fn explain(
                 .map(|t| t.render(&vars))
                 .unwrap_or_else(|| text.detail.to_owned());
             if let Some(sig) = signature.filter(|sig| sig.cause == top) {
-                explanation.remediation = sig
-                    .remediation
-                    .iter()
-                    .map(|s| Remediation {
-                        step: s.text.render(&vars),
-                        audience: s.audience,
-                        effort: s.effort,
-                    })
-                    .collect();
+                explanation.remediation = steps(&sig.remediation, &vars);
             }
         }
     }
@@ -327,6 +311,18 @@ fn identity(config: &Config, facts: &RequestFacts) -> Option<Identity> {
         name: clean(&name, MAX_REFLECTED_CHARS),
         unverified: true,
     })
+}
+
+/// A policy's or signature's remediation steps, rendered for this denial.
+fn steps(steps: &[crate::policy::Step], vars: &DenialVars<'_>) -> Vec<Remediation> {
+    steps
+        .iter()
+        .map(|s| Remediation {
+            step: s.text.render(vars),
+            audience: s.audience,
+            effort: s.effort,
+        })
+        .collect()
 }
 
 /// Evidence pulled from the body by a signature's `extract`.

@@ -48,6 +48,23 @@ async fn send(
     common::send(addr, req).await
 }
 
+/// An HTTP/2 (prior knowledge) connection to `addr`.
+async fn h2c(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// A loopback address where nothing listens any more.
+async fn dead_address() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
 fn get(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
     common::get(addr, path, &[])
 }
@@ -183,12 +200,7 @@ async fn a_trusted_proxy_chain_is_extended() {
 async fn h2c_clients_reach_an_http1_upstream() {
     let (up, _) = upstream::start().await;
     let p = proxy("", up).await;
-    let stream = TcpStream::connect(p.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c(p.addr).await;
     let req = Request::get("http://app.example.com/echo-headers")
         .header("cookie", "a=1")
         .header("te", "trailers")
@@ -225,11 +237,7 @@ async fn denials_are_explained_through_the_proxy() {
 
 #[tokio::test]
 async fn upstream_down_is_an_explained_502() {
-    // Bind, learn the port, close: nothing listens there any more.
-    let dead = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        l.local_addr().unwrap()
-    };
+    let dead = dead_address().await;
     let p = proxy("", dead).await;
     let res = send(
         p.addr,
@@ -400,12 +408,7 @@ async fn expect_100_continue_works() {
 async fn trailers_pass_through() {
     let (up, _) = upstream::start().await;
     let p = proxy("", up).await;
-    let stream = TcpStream::connect(p.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c(p.addr).await;
     let req = Request::get("http://x/trailers")
         .header("te", "trailers")
         .body(Full::new(Bytes::new()))
@@ -481,10 +484,7 @@ async fn admin_listener_serves_health_readiness_and_metrics_only_there() {
 
 #[tokio::test]
 async fn readiness_fails_when_the_upstream_is_down() {
-    let dead = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        l.local_addr().unwrap()
-    };
+    let dead = dead_address().await;
     let p = proxy("", dead).await;
     let res = send(p.admin_addr, get(p.admin_addr, "/readyz")).await;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);

@@ -232,20 +232,24 @@ pub enum SinkKind {
         keep: u32,
     },
     /// An HTTP POST.
-    Webhook {
-        /// Where.
-        url: Uri,
-        /// Per attempt.
-        timeout: Duration,
-        /// Attempts after the first.
-        retries: u32,
-        /// HMAC key.
-        secret: Option<Vec<u8>>,
-        /// Extra headers.
-        headers: Vec<(HeaderName, HeaderValue)>,
-        /// CA file for https.
-        ca_file: Option<std::path::PathBuf>,
-    },
+    Webhook(WebhookSpec),
+}
+
+/// A compiled webhook sink.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookSpec {
+    /// Where.
+    pub url: Uri,
+    /// Per attempt.
+    pub timeout: Duration,
+    /// Attempts after the first.
+    pub retries: u32,
+    /// HMAC key.
+    pub secret: Option<Vec<u8>>,
+    /// Extra headers.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// CA file for https.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// What an escalation rule keys on.
@@ -471,14 +475,14 @@ pub(crate) fn compile(
                 })?;
                 headers.push((name, value));
             }
-            SinkKind::Webhook {
+            SinkKind::Webhook(WebhookSpec {
                 url,
                 timeout: duration(&w.timeout, "timeout", Duration::from_secs(2), err)?,
                 retries: w.retries.as_ref().map_or(3, |r| r.value.min(10)),
                 secret,
                 headers,
                 ca_file: w.ca_file.as_ref().map(std::path::PathBuf::from),
-            }
+            })
         } else {
             SinkKind::Stdout
         };

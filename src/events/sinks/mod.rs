@@ -115,25 +115,6 @@ fn run(name: &str, kind: SinkKind, rx: Receiver<Arc<str>>) {
             max_bytes,
             keep,
         } => file::run(name, &path, max_bytes, keep, rx, &throttle),
-        SinkKind::Webhook {
-            url,
-            timeout,
-            retries,
-            secret,
-            headers,
-            ca_file,
-        } => webhook::run(
-            name,
-            webhook::Target {
-                url,
-                timeout,
-                retries,
-                secret,
-                headers,
-                ca_file,
-            },
-            rx,
-            &throttle,
-        ),
+        SinkKind::Webhook(spec) => webhook::run(name, spec, rx, &throttle),
     }
 }

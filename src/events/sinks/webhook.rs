@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use http::{HeaderName, HeaderValue, Request, Uri, header};
+use http::{Request, header};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -17,23 +17,14 @@ use hyper_util::rt::TokioExecutor;
 use sha2::Sha256;
 
 use super::{Throttle, dropped, failed};
-
-pub(super) struct Target {
-    pub(super) url: Uri,
-    pub(super) timeout: Duration,
-    pub(super) retries: u32,
-    pub(super) secret: Option<Vec<u8>>,
-    pub(super) headers: Vec<(HeaderName, HeaderValue)>,
-    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
-    pub(super) ca_file: Option<std::path::PathBuf>,
-}
+use crate::config::events::WebhookSpec;
 
 #[cfg(feature = "tls")]
 type Connector = crate::tls::Connector;
 #[cfg(not(feature = "tls"))]
 type Connector = HttpConnector;
 
-fn make_connector(http: HttpConnector, target: &Target) -> Result<Connector, String> {
+fn make_connector(http: HttpConnector, target: &WebhookSpec) -> Result<Connector, String> {
     #[cfg(feature = "tls")]
     {
         crate::tls::connector(http, target.ca_file.as_deref())
@@ -72,7 +63,7 @@ fn backoff(attempt: u32) -> Duration {
     capped + Duration::from_millis(jitter)
 }
 
-pub(super) fn run(name: &str, target: Target, rx: Receiver<Arc<str>>, throttle: &Throttle) {
+pub(super) fn run(name: &str, target: WebhookSpec, rx: Receiver<Arc<str>>, throttle: &Throttle) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
