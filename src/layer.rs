@@ -133,7 +133,6 @@ impl<S> Layer<S> for ExplainLayer {
         Explain {
             inner,
             config: self.config.clone(),
-            recorder: self.recorder.clone(),
             trusted_identity_only: self.trusted_identity_only,
         }
     }
@@ -144,7 +143,6 @@ impl<S> Layer<S> for ExplainLayer {
 pub struct Explain<S> {
     inner: S,
     config: ConfigHandle,
-    recorder: Arc<Recorder>,
     trusted_identity_only: bool,
 }
 
@@ -203,7 +201,7 @@ where
             let identity = diagnose::identity_record(&config, &facts);
             let handling = selfservice::handle(
                 config.clone(),
-                self.recorder.clone(),
+                self.config.recorder(),
                 facts,
                 identity,
                 id,
