@@ -185,17 +185,36 @@ fn diagnosis(c: &mut Criterion) {
         body.as_bytes(),
     );
     assert_eq!(e.top_cause(), whydenied::CauseKind::Permission);
-    c.bench_function("diagnose_64k_body_whole_signature_pack", |b| {
-        b.iter(|| {
-            black_box(whydenied::corpus::explain_response(
-                &config,
-                StatusCode::FORBIDDEN,
-                None,
-                &headers,
-                black_box(body.as_bytes()),
-            ))
-        })
-    });
+    // The hard case for a literal prefilter: a help page that talks about
+    // denials, so that many signatures' literals occur and their regexes
+    // must run, and none of them matches.
+    let paragraph = "<p>Your request was forbidden. A request is refused when \
+        the token expired, when a rate limit was exceeded (too many requests \
+        in a minute), when the credentials were not provided, when the \
+        permission is missing or access is denied by an explicit rule, when \
+        the caller does not have the role, or when a firewall blocked the \
+        request. Check the error code, the reference id and the documentation \
+        before you ask the administrators for access.</p>\n";
+    let mut prose = String::from("<html><body>");
+    while prose.len() + paragraph.len() < 64 * 1024 {
+        prose.push_str(paragraph);
+    }
+    for (name, body) in [
+        ("diagnose_64k_body_whole_signature_pack", &body),
+        ("diagnose_64k_prose_about_denials", &prose),
+    ] {
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                black_box(whydenied::corpus::explain_response(
+                    &config,
+                    StatusCode::FORBIDDEN,
+                    None,
+                    &headers,
+                    black_box(body.as_bytes()),
+                ))
+            })
+        });
+    }
 }
 
 fn events(c: &mut Criterion) {

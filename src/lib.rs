@@ -47,6 +47,7 @@ pub mod explanation;
 pub mod facts;
 pub mod id;
 pub mod layer;
+mod literals;
 pub mod negotiate;
 pub mod policy;
 pub mod render;

@@ -93,6 +93,131 @@ pub(crate) enum BodyCond {
     Regex(regex::bytes::Regex),
 }
 
+impl BodyCond {
+    pub(crate) fn holds(&self, text: &[u8]) -> bool {
+        match self {
+            BodyCond::Contains(finder) => finder.find(text).is_some(),
+            BodyCond::Regex(re) => re.is_match(text),
+        }
+    }
+}
+
+/// One pass over a body for the required literals of every body condition
+/// of a policy set (see [`crate::literals`]).
+#[derive(Debug, Default)]
+pub(crate) struct BodyScan {
+    /// Searchers over consecutive ranges of the literals, each with the
+    /// index of its first literal.
+    searchers: Vec<(aho_corasick::AhoCorasick, usize)>,
+    /// For each literal, the policies of every literal it contains
+    /// (itself included).
+    within: Vec<Vec<usize>>,
+    policies: usize,
+}
+
+/// Teddy, the SIMD literal search that the automaton uses to skip ahead,
+/// takes at most this many literals; more are split into several searchers.
+const LITERALS_PER_SEARCHER: usize = 64;
+
+/// At most this many distinct literals over all body conditions of a config
+/// (each condition has up to 16). It bounds the scan's size and build time.
+pub(crate) const MAX_BODY_LITERALS: usize = 2048;
+
+/// Why the body scan of a config could not be built.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyScanError {
+    #[error(
+        "the body conditions need {0} distinct literals together; the limit is {MAX_BODY_LITERALS}: merge conditions or use fewer alternatives"
+    )]
+    TooMany(usize),
+    #[error("{0}")]
+    Build(aho_corasick::BuildError),
+}
+
+impl BodyScan {
+    pub(crate) fn new(
+        literals: Vec<(Vec<u8>, usize)>,
+        policies: usize,
+    ) -> Result<Self, BodyScanError> {
+        // One entry per distinct literal, with every policy that needs it.
+        let mut owners: std::collections::BTreeMap<Vec<u8>, Vec<usize>> = Default::default();
+        for (literal, policy) in literals {
+            owners.entry(literal).or_default().push(policy);
+        }
+        if owners.len() > MAX_BODY_LITERALS {
+            return Err(BodyScanError::TooMany(owners.len()));
+        }
+        let patterns: Vec<&Vec<u8>> = owners.keys().collect();
+        let owners: Vec<Vec<usize>> = owners.values().cloned().collect();
+        // A literal found also means that every literal inside it was found:
+        // one automaton over all literals, run over each literal.
+        let all = aho_corasick::AhoCorasick::new(&patterns).map_err(BodyScanError::Build)?;
+        let within: Vec<Vec<usize>> = patterns
+            .iter()
+            .map(|outer| {
+                let mut found: Vec<usize> = all
+                    .find_overlapping_iter(outer.as_slice())
+                    .flat_map(|m| owners[m.pattern().as_usize()].iter().copied())
+                    .collect();
+                found.sort_unstable();
+                found.dedup();
+                found
+            })
+            .collect();
+        // As few searchers as Teddy allows, sharing the literals evenly (a
+        // full Teddy has more false candidates than two half-full ones).
+        // Past a few searchers, one automaton without Teddy is faster.
+        let count = patterns.len().div_ceil(LITERALS_PER_SEARCHER).max(1);
+        let per = if count > 4 {
+            patterns.len()
+        } else {
+            patterns.len().div_ceil(count).max(1)
+        };
+        let mut searchers = Vec::new();
+        for (n, chunk) in patterns.chunks(per).enumerate() {
+            let searcher = aho_corasick::AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                .build(chunk)
+                .map_err(BodyScanError::Build)?;
+            searchers.push((searcher, n * per));
+        }
+        Ok(Self {
+            searchers,
+            within,
+            policies,
+        })
+    }
+
+    /// For each policy, whether one of its body literals occurs in `body`.
+    ///
+    /// The literals are lowercase and the body is folded in a copy
+    /// ([`crate::literals::fold`]), so that the search can use its SIMD
+    /// prefilter. Leftmost-longest matches
+    /// are searched again from one byte after each match's start; together
+    /// with `within`, that finds every literal that occurs anywhere.
+    pub(crate) fn candidates(&self, body: &[u8]) -> Vec<bool> {
+        let mut out = vec![false; self.policies];
+        if self.searchers.is_empty() {
+            return out;
+        }
+        let lower = crate::literals::fold(body);
+        for (searcher, first) in &self.searchers {
+            let mut at = 0;
+            while at < lower.len() {
+                let input = aho_corasick::Input::new(&lower).range(at..);
+                let Some(m) = searcher.find(input) else {
+                    break;
+                };
+                for &p in &self.within[first + m.pattern().as_usize()] {
+                    out[p] = true;
+                }
+                at = m.start() + 1;
+            }
+        }
+        out
+    }
+}
+
 /// What must hold for a policy to match. Empty lists mean "any".
 #[derive(Debug, Default)]
 pub(crate) struct Conditions {
@@ -105,8 +230,10 @@ pub(crate) struct Conditions {
     pub(crate) client_not_in: Vec<IpNet>,
     pub(crate) status: Vec<u16>,
     pub(crate) response_headers: Vec<(HeaderName, HeaderCond)>,
-    /// Index into the set's body patterns.
-    pub(crate) body: Option<usize>,
+    pub(crate) body: Option<BodyCond>,
+    /// Whether the body condition has required literals in the set's scan
+    /// (if not, it is always checked).
+    pub(crate) body_prefiltered: bool,
     pub(crate) reason: Option<BodyCond>,
     /// Each condition in words, for the evidence of a match.
     pub(crate) described: Vec<String>,
@@ -139,8 +266,8 @@ pub struct PolicySet {
     pub(crate) path_owner: Vec<usize>,
     pub(crate) hosts: GlobSet,
     pub(crate) host_owner: Vec<usize>,
-    /// All body conditions, searched in one pass.
-    pub(crate) bodies: Option<regex::bytes::RegexSet>,
+    /// The required literals of all body conditions, searched in one pass.
+    pub(crate) bodies: BodyScan,
 }
 
 impl PolicySet {
@@ -175,7 +302,9 @@ impl PolicySet {
             .map(str::to_ascii_lowercase)
             .unwrap_or_default();
         let host_hits = hits(&self.hosts, &self.host_owner, &host, self.len());
-        let body_hits = self.bodies.as_ref().map(|set| set.matches(upstream.body));
+        // Which policies' body literals occur: computed once, on the first
+        // policy that gets as far as its body condition.
+        let mut body_candidates: Option<Vec<bool>> = None;
         self.policies.iter().enumerate().find_map(|(i, policy)| {
             let c = &policy.conditions;
             let holds = (!c.has_path || path_hits[i])
@@ -193,14 +322,14 @@ impl PolicySet {
                 && c.response_headers
                     .iter()
                     .all(|(name, cond)| cond.holds(upstream.headers.get(name)))
-                && c.body
-                    .is_none_or(|i| body_hits.as_ref().is_some_and(|m| m.matched(i)))
-                && c.reason.as_ref().is_none_or(|cond| {
-                    let reason = upstream.reason.unwrap_or("").as_bytes();
-                    match cond {
-                        BodyCond::Contains(finder) => finder.find(reason).is_some(),
-                        BodyCond::Regex(re) => re.is_match(reason),
-                    }
+                && c.reason
+                    .as_ref()
+                    .is_none_or(|cond| cond.holds(upstream.reason.unwrap_or("").as_bytes()))
+                && c.body.as_ref().is_none_or(|cond| {
+                    (!c.body_prefiltered
+                        || body_candidates
+                            .get_or_insert_with(|| self.bodies.candidates(upstream.body))[i])
+                        && cond.holds(upstream.body)
                 });
             holds.then_some(policy)
         })
@@ -224,6 +353,44 @@ fn hits(set: &GlobSet, owner: &[usize], value: &str, policies: usize) -> Vec<boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The literal scan only skips work: on every real denial document we
+    /// have (and their upper-cased copies), no body condition of the shipped
+    /// pack that holds is ruled out by it.
+    #[test]
+    fn body_scan_never_rules_out_a_match() {
+        let pack = crate::config::builtin_signatures();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+        let mut bodies = Vec::new();
+        for dir in ["corpus", "corpus_extra"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "yaml") {
+                    let sample = crate::corpus::read_sample(&path).unwrap();
+                    bodies.push(sample.body.to_uppercase());
+                    bodies.push(sample.body);
+                }
+            }
+        }
+        let mut held = 0;
+        for body in &bodies {
+            let candidates = pack.bodies.candidates(body.as_bytes());
+            for (i, policy) in pack.policies.iter().enumerate() {
+                let c = &policy.conditions;
+                if let Some(cond) = &c.body
+                    && cond.holds(body.as_bytes())
+                {
+                    held += 1;
+                    assert!(
+                        !c.body_prefiltered || candidates[i],
+                        "{} holds but its literals were not found",
+                        policy.id
+                    );
+                }
+            }
+        }
+        assert!(held > 40, "only {held} body conditions held");
+    }
     use crate::config::Config;
     use crate::facts::ClientAddr;
     use http::Request;

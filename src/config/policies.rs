@@ -35,7 +35,8 @@ pub(super) struct PolicyBuilder<'a> {
     seen: HashMap<String, u64>,
     /// Signatures match on the response only.
     signatures: bool,
-    body_patterns: Vec<String>,
+    /// Required literals of body conditions, with their policy's index.
+    body_literals: Vec<(Vec<u8>, usize)>,
 }
 
 impl<'a> PolicyBuilder<'a> {
@@ -56,7 +57,7 @@ impl<'a> PolicyBuilder<'a> {
             host_owner: Vec::new(),
             seen: HashMap::new(),
             signatures,
-            body_patterns: Vec::new(),
+            body_literals: Vec::new(),
         }
     }
 
@@ -70,22 +71,13 @@ impl<'a> PolicyBuilder<'a> {
             .hosts
             .build()
             .map_err(|e| ctx.err(&Location::UNKNOWN, format!("host globs: {e}")))?;
-        let bodies = if self.body_patterns.is_empty() {
-            None
-        } else {
-            Some(
-                regex::bytes::RegexSetBuilder::new(&self.body_patterns)
-                    .size_limit(MAX_REGEX_COMPILED_BYTES * 64)
-                    .dfa_size_limit(MAX_REGEX_COMPILED_BYTES * 64)
-                    .build()
-                    .map_err(|e| {
-                        ctx.err(
-                            &Location::UNKNOWN,
-                            format!("the body conditions together are too large to compile: {e}"),
-                        )
-                    })?,
-            )
-        };
+        let bodies =
+            crate::policy::BodyScan::new(self.body_literals, policies.len()).map_err(|e| {
+                ctx.err(
+                    &Location::UNKNOWN,
+                    format!("the body conditions together are too large: {e}"),
+                )
+            })?;
         Ok(PolicySet {
             policies,
             paths,
@@ -417,9 +409,12 @@ impl<'a> PolicyBuilder<'a> {
             c.status.push(status.value);
         }
         if let Some(body) = &m.body {
-            let (_, pattern) = body_cond(ctx, body)?;
-            self.body_patterns.push(pattern);
-            c.body = Some(self.body_patterns.len() - 1);
+            let (cond, literals) = body_cond(ctx, body)?;
+            c.body_prefiltered = literals.is_some();
+            for literal in literals.into_iter().flatten() {
+                self.body_literals.push((literal, index));
+            }
+            c.body = Some(cond);
         }
         if let Some(reason) = &m.reason {
             c.reason = Some(body_cond(ctx, reason)?.0);
@@ -494,11 +489,12 @@ fn header_cond(ctx: &Ctx<'_>, cond: &Spanned<RawHeaderMatch>) -> Result<HeaderCo
     })
 }
 
-/// A body condition, and the same as a regex pattern for the one-pass set.
+/// A body condition, and the literals one of which any match contains
+/// (for the one-pass body scan).
 fn body_cond(
     ctx: &Ctx<'_>,
     body: &Spanned<RawBodyMatch>,
-) -> Result<(BodyCond, String), ConfigError> {
+) -> Result<(BodyCond, Option<crate::literals::Literals>), ConfigError> {
     match &body.value {
         RawBodyMatch {
             contains: Some(text),
@@ -512,7 +508,7 @@ fn body_cond(
             }
             Ok((
                 BodyCond::Contains(Box::new(memmem::Finder::new(text.as_bytes()).into_owned())),
-                regex::escape(text),
+                crate::literals::contains_literal(text.as_bytes()),
             ))
         }
         RawBodyMatch {
@@ -541,7 +537,10 @@ fn body_cond(
                     };
                     ctx.err(&body.referenced, format!("bad body regex: {detail}"))
                 })?;
-            Ok((BodyCond::Regex(re), pattern.clone()))
+            Ok((
+                BodyCond::Regex(re),
+                crate::literals::required_literals(pattern),
+            ))
         }
         _ => Err(ctx.err(
             &body.referenced,

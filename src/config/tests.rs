@@ -104,6 +104,32 @@ fn regexes_over_the_size_limit() {
 }
 
 #[test]
+fn too_many_body_literals_together() {
+    // 200 policies whose bodies each need one of 16 literals: too many to
+    // scan in one pass, refused with a clear message (a hostile config must
+    // not make every denial slow).
+    let mut yaml = String::from("policies:\n");
+    for p in 0..200 {
+        let alternatives: Vec<String> = (0..16).map(|a| format!("word{p}x{a}")).collect();
+        yaml.push_str(&format!(
+            "  - id: p{p}\n    cause: permission\n    match: {{ body: {{ regex: \"{}\" }} }}\n",
+            alternatives.join("|")
+        ));
+    }
+    let e = err(&yaml);
+    assert!(e.to_string().contains("3200 distinct literals"), "{e}");
+    assert!(e.to_string().contains("the limit is 2048"), "{e}");
+    // Half as many load.
+    let half: String = yaml
+        .lines()
+        .take(1 + 3 * 100)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = Config::from_yaml_str(&half).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.policies().len(), 100);
+}
+
+#[test]
 fn unknown_causes() {
     assert_err(
         "policies:\n  - id: a\n    cause: permision\n",
