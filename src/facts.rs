@@ -71,6 +71,7 @@ pub struct RequestFacts {
 
 impl RequestFacts {
     /// Keeps `value` inline if it fits.
+    #[inline]
     fn keep(&mut self, value: &HeaderValue) -> Fact {
         let bytes = value.as_bytes();
         match self.keep_bytes(bytes) {
@@ -79,6 +80,7 @@ impl RequestFacts {
         }
     }
 
+    #[inline]
     fn keep_bytes(&mut self, bytes: &[u8]) -> Option<Fact> {
         let start = self.inline_used;
         let end = start.checked_add(bytes.len())?;
@@ -140,14 +142,10 @@ impl RequestFacts {
     }
 
     /// Captures what `config` needs from `req`.
+    #[inline]
     pub fn capture<B>(req: &Request<B>, config: &Config) -> Self {
         let headers = req.headers();
-        let mut captured = [const { None }; MAX_CAPTURED_HEADERS];
-        if !config.captured_headers().is_empty() {
-            for (slot, name) in captured.iter_mut().zip(config.captured_headers()) {
-                *slot = headers.get(name).cloned();
-            }
-        }
+        let captured = [const { None }; MAX_CAPTURED_HEADERS];
         let peer = req
             .extensions()
             .get::<ClientAddr>()
@@ -185,7 +183,16 @@ impl RequestFacts {
         }
         let identity_name = config.identity_header();
         let want_xff = config.has_trusted_proxies();
+        // Headers that policies test are picked up in the same pass: one
+        // lookup per policy header would hash each name again.
+        let captured_names = config.captured_headers();
         for (name, value) in headers {
+            if !captured_names.is_empty()
+                && let Some(slot) = captured_names.iter().position(|c| c == name)
+                && let Some(kept) = facts.captured.get_mut(slot)
+            {
+                kept.get_or_insert_with(|| value.clone());
+            }
             if name == HOST {
                 if matches!(facts.host, Fact::Absent) {
                     facts.host = facts.keep(value);
