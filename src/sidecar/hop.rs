@@ -53,13 +53,31 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// `keep_upgrade`, a real upgrade keeps `Connection: upgrade` and `Upgrade`.
 /// `TE: trailers` is kept on requests (it is end-to-end in effect).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Which hop-by-hop headers are present: one pass over the names, and
+    // most messages carry none (or only `Connection: keep-alive`).
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name.as_str()) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
+        return;
+    }
+    // Headers named in `Connection`, other than those removed anyway (the
+    // usual `keep-alive`, `close`, `upgrade` need no parsing).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .take(MAX_CONNECTION_TOKENS)
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| {
+            !t.eq_ignore_ascii_case("close")
+                && !HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(t))
+        })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     let wants_trailers = headers
         .get_all(header::TE)
@@ -75,8 +93,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in &named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        headers.remove(*name);
     }
     if let Some(upgrade) = upgrade {
         headers.insert(header::UPGRADE, upgrade);
@@ -88,13 +106,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// What the proxy knows about the hop it received a request on.
-pub struct Hop<'a> {
+pub struct Hop {
     /// The peer that connected to us.
     pub peer: SocketAddr,
     /// Whether that peer is a trusted proxy.
     pub trusted: bool,
     /// The scheme the client used to reach us.
-    pub proto: &'a str,
+    pub proto: &'static str,
     /// The host the client asked for (the `Host` header or the authority).
     pub host: Option<HeaderValue>,
 }
@@ -102,38 +120,53 @@ pub struct Hop<'a> {
 /// Sets the forwarding headers for the upstream. From an untrusted peer, the
 /// incoming ones are discarded and replaced; from a trusted proxy, ours are
 /// appended to its chain.
-pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop<'_>) {
+pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop) {
     let peer_ip = crate::config::canonical(hop.peer.ip());
-    if !hop.trusted {
-        for name in [
-            &X_FORWARDED_FOR,
-            &X_FORWARDED_PROTO,
-            &X_FORWARDED_HOST,
-            &header::FORWARDED,
-        ] {
+    let forwarding = [
+        &X_FORWARDED_FOR,
+        &X_FORWARDED_PROTO,
+        &X_FORWARDED_HOST,
+        &header::FORWARDED,
+    ];
+    // Whether any forwarding header came in: one pass over the names.
+    let incoming = headers.keys().any(|name| forwarding.contains(&name));
+    if incoming && !hop.trusted {
+        for name in forwarding {
             headers.remove(name);
         }
     }
-    let previous_for = joined(headers, &X_FORWARDED_FOR);
-    let xff = match previous_for {
-        Some(chain) => format!("{chain}, {peer_ip}"),
-        None => peer_ip.to_string(),
+    let believed = incoming && hop.trusted;
+    let mut ip = String::with_capacity(48);
+    push_ip(&mut ip, peer_ip);
+    let xff = match believed
+        .then(|| joined(headers, &X_FORWARDED_FOR))
+        .flatten()
+    {
+        Some(chain) => format!("{chain}, {ip}"),
+        None => ip.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = owned_value(xff) {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO)
-        && let Ok(v) = HeaderValue::from_str(hop.proto)
-    {
-        headers.insert(X_FORWARDED_PROTO, v);
+    if !(believed && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(hop.proto));
     }
-    if !headers.contains_key(&X_FORWARDED_HOST)
+    if !(believed && headers.contains_key(&X_FORWARDED_HOST))
         && let Some(host) = &hop.host
     {
         headers.insert(X_FORWARDED_HOST, host.clone());
     }
-    let mut element = format!("for={}", forwarded_node(peer_ip));
-    let _ = write!(element, ";proto={}", hop.proto);
+    let mut element = String::with_capacity(64);
+    element.push_str("for=");
+    if peer_ip.is_ipv4() {
+        element.push_str(&ip);
+    } else {
+        element.push_str("\"[");
+        element.push_str(&ip);
+        element.push_str("]\"");
+    }
+    element.push_str(";proto=");
+    element.push_str(hop.proto);
     if let Some(host) = hop.host.as_ref().and_then(|h| h.to_str().ok())
         && host
             .bytes()
@@ -141,13 +174,45 @@ pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop<'_>) {
     {
         let _ = write!(element, ";host=\"{host}\"");
     }
-    let forwarded = match joined(headers, &header::FORWARDED) {
+    let forwarded = match believed
+        .then(|| joined(headers, &header::FORWARDED))
+        .flatten()
+    {
         Some(chain) => format!("{chain}, {element}"),
         None => element,
     };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    if let Some(v) = owned_value(forwarded) {
         headers.insert(header::FORWARDED, v);
     }
+}
+
+/// Appends an address in its usual text form (IPv4 without the formatting
+/// machinery: this runs for every request).
+fn push_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// A header value that takes over the string's buffer (no copy).
+fn owned_value(text: String) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
 }
 
 /// All values of a header joined with ", ", if any (and readable).
@@ -158,14 +223,6 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
         .filter_map(|v| v.to_str().ok())
         .collect();
     (!values.is_empty()).then(|| values.join(", "))
-}
-
-/// A node of `Forwarded` (RFC 7239): IPv6 addresses are quoted and bracketed.
-fn forwarded_node(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    }
 }
 
 #[cfg(test)]
@@ -181,6 +238,24 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn addresses_are_written_like_display() {
+        for text in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "127.0.0.1",
+            "255.255.255.255",
+            "192.0.2.7",
+            "2001:db8::1",
+            "::1",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            let mut out = String::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string());
+        }
     }
 
     #[test]
@@ -220,7 +295,7 @@ mod tests {
         assert_eq!(h["connection"], "upgrade");
     }
 
-    fn hop(peer: &str, trusted: bool) -> Hop<'static> {
+    fn hop(peer: &str, trusted: bool) -> Hop {
         Hop {
             peer: peer.parse().unwrap(),
             trusted,

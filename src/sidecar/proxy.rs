@@ -112,6 +112,9 @@ pin_project! {
             #[pin] body: Incoming,
             #[pin] idle: tokio::time::Sleep,
             timeout: Duration,
+            // Whether `idle` runs from the current wait: the timer is only
+            // touched when the upstream makes us wait, not per frame.
+            armed: bool,
         },
         /// Made by the proxy (an explained failure).
         Local { #[pin] body: Full<Bytes> },
@@ -128,6 +131,7 @@ impl ProxyBody {
             body,
             idle: tokio::time::sleep(timeout),
             timeout,
+            armed: false,
         }
     }
 }
@@ -146,18 +150,25 @@ impl Body for ProxyBody {
                 body,
                 mut idle,
                 timeout,
+                armed,
             } => match body.poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    idle.as_mut().reset(tokio::time::Instant::now() + *timeout);
+                    *armed = false;
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
-                Poll::Pending => match idle.poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(
-                        "the upstream sent nothing for the idle timeout".into(),
-                    ))),
-                    Poll::Pending => Poll::Pending,
-                },
+                Poll::Pending => {
+                    if !*armed {
+                        idle.as_mut().reset(tokio::time::Instant::now() + *timeout);
+                        *armed = true;
+                    }
+                    match idle.poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(
+                            "the upstream sent nothing for the idle timeout".into(),
+                        ))),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
             },
             ProxyBodyProj::Local { body } => body
                 .poll_frame(cx)
