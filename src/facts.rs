@@ -403,6 +403,25 @@ mod tests {
     }
 
     #[test]
+    fn every_long_value_has_an_overflow_slot() {
+        let c = Config::from_yaml_str("identity: { header: x-user }\n").unwrap();
+        let long = |c: char| c.to_string().repeat(200);
+        let (host, accept, ua, user) = (long('h'), long('a'), long('u'), long('w'));
+        let req = Request::get("/")
+            .header("host", host.as_str())
+            .header("accept", accept.as_str())
+            .header("user-agent", ua.as_str())
+            .header("x-user", user.as_str())
+            .body(())
+            .unwrap();
+        let f = RequestFacts::capture(&req, &c);
+        assert_eq!(f.host(), Some(host.as_str()));
+        assert_eq!(f.accept(), Some(accept.as_bytes()));
+        assert_eq!(f.user_agent(), Some(ua.as_bytes()));
+        assert_eq!(f.identity_header(), Some(user.as_bytes()));
+    }
+
+    #[test]
     fn host_comes_without_port() {
         assert_eq!(strip_port("example.com:8080"), "example.com");
         assert_eq!(strip_port("[::1]:8080"), "::1");
