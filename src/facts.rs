@@ -47,8 +47,9 @@ enum Fact {
     Shared(u8),
 }
 
-/// Values kept by reference when they do not fit inline: `Host`, `Accept`,
-/// `User-Agent` and the identity header, at most one each.
+/// Values kept by reference when they do not fit inline (`Host`, `Accept`,
+/// `User-Agent`, the identity header and the headers policies test); more
+/// spill into a vector.
 const OVERFLOW_SLOTS: usize = 4;
 
 /// What is kept of a request until its response is known.
@@ -73,7 +74,11 @@ pub struct RequestFacts {
     /// False when the request is not known (explaining a bare response).
     pub(crate) credentials_known: bool,
     pub(crate) peer: Option<SocketAddr>,
-    pub(crate) captured: [Option<HeaderValue>; MAX_CAPTURED_HEADERS],
+    /// Values of the headers that policies test, in the config's order.
+    captured: [Fact; MAX_CAPTURED_HEADERS],
+    /// Long values beyond the overflow slots (rare: only with several long
+    /// headers that policies test).
+    spill: Vec<HeaderValue>,
 }
 
 impl RequestFacts {
@@ -84,12 +89,16 @@ impl RequestFacts {
         if let Some(f) = self.keep_bytes(bytes) {
             return f;
         }
-        match self.overflow.iter().position(Option::is_none) {
-            Some(i) => {
-                self.overflow[i] = Some(value.clone());
-                Fact::Shared(i as u8)
+        if let Some(i) = self.overflow.iter().position(Option::is_none) {
+            self.overflow[i] = Some(value.clone());
+            return Fact::Shared(i as u8);
+        }
+        match u8::try_from(OVERFLOW_SLOTS + self.spill.len()) {
+            Ok(i) => {
+                self.spill.push(value.clone());
+                Fact::Shared(i)
             }
-            None => Fact::Absent,
+            Err(_) => Fact::Absent,
         }
     }
 
@@ -114,11 +123,13 @@ impl RequestFacts {
             Fact::Inline { start, len } => self
                 .inline
                 .get(start as usize..start as usize + len as usize),
-            Fact::Shared(i) => self
-                .overflow
-                .get(i as usize)
-                .and_then(Option::as_ref)
-                .map(HeaderValue::as_bytes),
+            Fact::Shared(i) => match self.overflow.get(i as usize) {
+                Some(slot) => slot.as_ref().map(HeaderValue::as_bytes),
+                None => self
+                    .spill
+                    .get(i as usize - OVERFLOW_SLOTS)
+                    .map(HeaderValue::as_bytes),
+            },
         }
     }
 
@@ -162,7 +173,6 @@ impl RequestFacts {
     #[inline]
     pub fn capture<B>(req: &Request<B>, config: &Config) -> Self {
         let headers = req.headers();
-        let captured = [const { None }; MAX_CAPTURED_HEADERS];
         let peer = req
             .extensions()
             .get::<ClientAddr>()
@@ -186,7 +196,8 @@ impl RequestFacts {
             has_api_key: false,
             credentials_known: true,
             peer,
-            captured,
+            captured: [Fact::Absent; MAX_CAPTURED_HEADERS],
+            spill: Vec::new(),
         };
         let uri = req.uri();
         match uri
@@ -207,9 +218,9 @@ impl RequestFacts {
         for (name, value) in headers {
             if !captured_names.is_empty()
                 && let Some(slot) = captured_names.iter().position(|c| c == name)
-                && let Some(kept) = facts.captured.get_mut(slot)
+                && matches!(facts.captured.get(slot), Some(Fact::Absent))
             {
-                kept.get_or_insert_with(|| value.clone());
+                facts.captured[slot] = facts.keep(value);
             }
             if name == HOST {
                 if matches!(facts.host, Fact::Absent) {
@@ -295,8 +306,8 @@ impl RequestFacts {
         Some(client)
     }
 
-    pub(crate) fn captured(&self, index: usize) -> Option<&HeaderValue> {
-        self.captured.get(index).and_then(Option::as_ref)
+    pub(crate) fn captured(&self, index: usize) -> Option<&[u8]> {
+        self.bytes(*self.captured.get(index)?)
     }
 }
 
@@ -404,14 +415,22 @@ mod tests {
 
     #[test]
     fn every_long_value_has_an_overflow_slot() {
-        let c = Config::from_yaml_str("identity: { header: x-user }\n").unwrap();
+        // Four standard values and two headers that policies test, all too
+        // long to copy: the last ones spill past the overflow slots.
+        let c = Config::from_yaml_str(
+            "identity: { header: x-user }\npolicies:\n  - { id: t, match: { headers: { x-tenant: { present: true }, x-team: { present: true } } }, cause: permission }\n",
+        )
+        .unwrap();
         let long = |c: char| c.to_string().repeat(200);
         let (host, accept, ua, user) = (long('h'), long('a'), long('u'), long('w'));
+        let (tenant, team) = (long('t'), long('m'));
         let req = Request::get("/")
             .header("host", host.as_str())
             .header("accept", accept.as_str())
             .header("user-agent", ua.as_str())
             .header("x-user", user.as_str())
+            .header("x-tenant", tenant.as_str())
+            .header("x-team", team.as_str())
             .body(())
             .unwrap();
         let f = RequestFacts::capture(&req, &c);
@@ -419,6 +438,9 @@ mod tests {
         assert_eq!(f.accept(), Some(accept.as_bytes()));
         assert_eq!(f.user_agent(), Some(ua.as_bytes()));
         assert_eq!(f.identity_header(), Some(user.as_bytes()));
+        let captured: Vec<_> = (0..2).filter_map(|i| f.captured(i)).collect();
+        assert!(captured.contains(&tenant.as_bytes()), "{captured:?}");
+        assert!(captured.contains(&team.as_bytes()));
     }
 
     #[test]

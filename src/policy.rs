@@ -73,14 +73,12 @@ pub(crate) enum HeaderCond {
 }
 
 impl HeaderCond {
-    fn holds(&self, value: Option<&http::HeaderValue>) -> bool {
+    fn holds(&self, value: Option<&[u8]>) -> bool {
         match (self, value) {
             (HeaderCond::Present, v) => v.is_some(),
             (HeaderCond::Absent, v) => v.is_none(),
-            (HeaderCond::Equals(want), Some(v)) => v.as_bytes() == want.as_slice(),
-            (HeaderCond::Glob(glob), Some(v)) => {
-                glob.is_match(String::from_utf8_lossy(v.as_bytes()).as_ref())
-            }
+            (HeaderCond::Equals(want), Some(v)) => v == want.as_slice(),
+            (HeaderCond::Glob(glob), Some(v)) => glob.is_match(String::from_utf8_lossy(v).as_ref()),
             (_, None) => false,
         }
     }
@@ -319,9 +317,9 @@ impl PolicySet {
                 && (c.client_not_in.is_empty()
                     || client_ip
                         .is_some_and(|ip| !c.client_not_in.iter().any(|n| n.contains(&ip))))
-                && c.response_headers
-                    .iter()
-                    .all(|(name, cond)| cond.holds(upstream.headers.get(name)))
+                && c.response_headers.iter().all(|(name, cond)| {
+                    cond.holds(upstream.headers.get(name).map(http::HeaderValue::as_bytes))
+                })
                 && c.reason
                     .as_ref()
                     .is_none_or(|cond| cond.holds(upstream.reason.unwrap_or("").as_bytes()))
