@@ -303,6 +303,111 @@ mod tests {
         assert_eq!(lits("^a.b"), None);
     }
 
+    /// Random patterns, and texts built to match them: whenever the regex
+    /// matches, one of its literals is in the folded text (the scan may only
+    /// skip patterns that cannot match).
+    #[test]
+    fn random_patterns_never_lose_a_match() {
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        // (pattern piece, texts it matches)
+        let atoms: &[(&str, &[&str])] = &[
+            ("abc", &["abc"]),
+            ("Error", &["Error"]),
+            ("sky", &["sky"]),
+            ("Kiosk", &["Kiosk"]),
+            ("x-y", &["x-y"]),
+            ("\"code\"", &["\"code\""]),
+            ("[Kk]ey", &["Key", "key"]),
+            (r"\d+", &["7", "123"]),
+            (".", &["z", "é"]),
+            (r"\s*", &["", " ", "\n"]),
+            ("(?i:ok)", &["OK", "ok", "oK"]),
+            ("é", &["é"]),
+            ("Token", &["Token"]),
+            ("deny", &["deny"]),
+            ("ACCESS", &["ACCESS"]),
+            (r"\bword\b", &["word"]),
+        ];
+        let mut checked = 0;
+        for _ in 0..3000 {
+            let insensitive = next(2) == 0;
+            let mut pattern = String::from(if insensitive { "(?i)" } else { "" });
+            let mut text = String::new();
+            for _ in 0..1 + next(4) {
+                let (a, a_texts) = atoms[next(atoms.len())];
+                let (b, b_texts) = atoms[next(atoms.len())];
+                let sample = match next(4) {
+                    0 => {
+                        pattern.push_str(&format!("(?:{a})?"));
+                        if next(2) == 0 {
+                            ""
+                        } else {
+                            a_texts[next(a_texts.len())]
+                        }
+                    }
+                    1 => {
+                        pattern.push_str(&format!("(?:{a}|{b})"));
+                        if next(2) == 0 {
+                            a_texts[next(a_texts.len())]
+                        } else {
+                            b_texts[next(b_texts.len())]
+                        }
+                    }
+                    2 => {
+                        pattern.push_str(&format!("(?:{a}){{1,2}}"));
+                        a_texts[next(a_texts.len())]
+                    }
+                    _ => {
+                        pattern.push_str(a);
+                        a_texts[next(a_texts.len())]
+                    }
+                };
+                for c in sample.chars() {
+                    let c = if !insensitive {
+                        c
+                    } else {
+                        match (c.to_ascii_lowercase(), next(4)) {
+                            ('k', 0) => '\u{212A}',
+                            ('s', 0) => '\u{17F}',
+                            (_, 1) => c.to_ascii_uppercase(),
+                            (_, 2) => c.to_ascii_lowercase(),
+                            _ => c,
+                        }
+                    };
+                    text.push(c);
+                }
+            }
+            let Ok(re) = regex::bytes::Regex::new(&pattern) else {
+                continue;
+            };
+            let body = format!(
+                "<p>{}{text}{}</p>",
+                "n".repeat(next(5)),
+                "m".repeat(next(5))
+            );
+            if !re.is_match(body.as_bytes()) {
+                continue;
+            }
+            let Some(set) = required_literals(&pattern) else {
+                continue;
+            };
+            let folded = fold(body.as_bytes());
+            assert!(
+                set.iter()
+                    .any(|l| memchr::memmem::find(&folded, l).is_some()),
+                "{pattern:?} matches {body:?} but none of {set:?} is in it"
+            );
+            checked += 1;
+        }
+        assert!(checked > 1000, "only {checked} cases checked");
+    }
+
     #[test]
     fn every_shipped_signature_matches_its_own_literals() {
         // A sanity check of soundness on real patterns: whenever the regex
