@@ -14,6 +14,8 @@ pub(crate) type Literals = Vec<Vec<u8>>;
 
 /// Literals shorter than this make a poor filter: the pattern is run instead.
 const MIN_LITERAL: usize = 3;
+/// Literals are cut to this length (their rarest start kept).
+const MAX_LITERAL: usize = 32;
 /// More alternatives than this make a poor filter too.
 const MAX_ALTERNATIVES: usize = 16;
 
@@ -67,7 +69,10 @@ fn rare_window(literal: Vec<u8>) -> Vec<u8> {
                 .sum::<u32>()
         })
         .unwrap_or(0);
-    literal[best..].to_vec()
+    // Any part of it is required too: a bounded length bounds the cost of
+    // confirming a candidate.
+    let end = literal.len().min(best + MAX_LITERAL);
+    literal[best..end].to_vec()
 }
 
 /// The literal for `contains: TEXT`.

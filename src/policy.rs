@@ -117,6 +117,10 @@ pub(crate) struct BodyScan {
 /// takes at most this many literals; more are split into several searchers.
 const LITERALS_PER_SEARCHER: usize = 64;
 
+/// After this many literal occurrences in one body, the scan stops and every
+/// policy is a candidate (see [`BodyScan::candidates`]).
+const MAX_LITERAL_HITS: usize = 4096;
+
 /// At most this many distinct literals over all body conditions of a config
 /// (each condition has up to 16). It bounds the scan's size and build time.
 pub(crate) const MAX_BODY_LITERALS: usize = 2048;
@@ -190,15 +194,21 @@ impl BodyScan {
     ///
     /// The literals are lowercase and the body is folded in a copy
     /// ([`crate::literals::fold`]), so that the search can use its SIMD
-    /// prefilter. Leftmost-longest matches
-    /// are searched again from one byte after each match's start; together
-    /// with `within`, that finds every literal that occurs anywhere.
+    /// prefilter. Leftmost-longest matches are searched again from one byte
+    /// after each match's start; together with `within`, that finds every
+    /// literal that occurs anywhere.
+    ///
+    /// A body made of literals over and over (`aaaa…` against `aaa`) would
+    /// stop the search at every byte: past [`MAX_LITERAL_HITS`] the scan
+    /// gives up and calls every policy a candidate, so their own (linear)
+    /// regexes decide. Hostile bodies cost time bounded by the body size.
     pub(crate) fn candidates(&self, body: &[u8]) -> Vec<bool> {
         let mut out = vec![false; self.policies];
         if self.searchers.is_empty() {
             return out;
         }
         let lower = crate::literals::fold(body);
+        let mut hits = 0;
         for (searcher, first) in &self.searchers {
             let mut at = 0;
             while at < lower.len() {
@@ -206,6 +216,10 @@ impl BodyScan {
                 let Some(m) = searcher.find(input) else {
                     break;
                 };
+                hits += 1;
+                if hits > MAX_LITERAL_HITS {
+                    return vec![true; self.policies];
+                }
                 for &p in &self.within[first + m.pattern().as_usize()] {
                     out[p] = true;
                 }
@@ -351,6 +365,29 @@ fn hits(set: &GlobSet, owner: &[usize], value: &str, policies: usize) -> Vec<boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body that is one literal over and over stops the scan at its cap;
+    /// every policy becomes a candidate and the answers stay right.
+    #[test]
+    fn a_body_of_repeated_literals_gives_up_the_scan_not_the_answer() {
+        let config = Config::from_yaml_str(
+            "policies:\n  - { id: never, match: { body: { regex: \"aaab\" } }, cause: permission }\n  - { id: always, match: { body: { contains: aaa } }, cause: ip_blocked }\n",
+        )
+        .unwrap();
+        let body = vec![b'a'; 64 * 1024];
+        let set = config.policies();
+        assert_eq!(set.bodies.candidates(&body), vec![true, true]);
+        let upstream = Upstream {
+            status: StatusCode::FORBIDDEN,
+            headers: &HeaderMap::new(),
+            body: &body,
+            reason: None,
+        };
+        let req = Request::get("/").body(()).unwrap();
+        let facts = RequestFacts::capture(&req, &config);
+        let hit = set.first_match(&facts, None, &upstream).map(Policy::id);
+        assert_eq!(hit, Some("always"));
+    }
 
     /// The literal scan only skips work: on every real denial document we
     /// have (and their upper-cased copies), no body condition of the shipped
