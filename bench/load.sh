@@ -13,6 +13,8 @@
 # connections); a light-load run (oha at a fixed rate with latency
 # correction, or — when oha is not available — wrk with one connection);
 # and a 256-connection run after which the proxy's peak RSS (VmHWM) is read.
+# Before any load, each proxy's RSS is also read with 256 connections open
+# at once (one request each).
 #
 # Output: Markdown on stdout, also written to bench/results.md. Progress
 # goes to stderr. Every process it starts is stopped on exit.
@@ -533,6 +535,38 @@ if ((WD)); then
   fi
 fi
 
+# RSS with RSS_CONNS connections open at once on a fresh proxy: every
+# connection sends one request, all answers are read, the connections stay
+# open while RSS is read (the "RSS at 256 open connections" figure; the
+# 256-connection wrk run below reports the peak under saturation instead).
+open_conns_rss() { # PORT PID... -> kB
+  local port=$1
+  shift
+  python3 - "$port" "$RSS_CONNS" "$@" <<'PY'
+import socket, sys, time
+port, n, pids = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+socks = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET /ok HTTP/1.1\r\nHost: bench\r\n\r\n")
+    socks.append(s)
+for s in socks:
+    s.recv(65536)
+time.sleep(0.3)
+peak = 0
+for pid in pids:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            peak = max(peak, int(line.split()[1]))
+print(peak)
+for s in socks:
+    s.close()
+PY
+}
+log "RSS with $RSS_CONNS open connections (fresh processes)"
+RES[nginx.open]=$(open_conns_rss "$PROXY_PORT" "${PROXY_WORKERS[@]}")
+((WD)) && RES[wdpass.open]=$(open_conns_rss "$WD_PORT" "$WD_PID")
+
 BASE="http://127.0.0.1"
 run_case direct "direct (upstream)" "$BASE:$UP_PORT/ok" 2xx 0 "${UP_WORKERS[@]}"
 run_case nginx "nginx proxy" "$BASE:$PROXY_PORT/ok" 2xx 1 "${PROXY_WORKERS[@]}"
@@ -601,13 +635,14 @@ report() {
   echo
   echo "## Many connections: \`wrk -t$THREADS -c$RSS_CONNS -d$RSS_DURATION\`"
   echo
-  echo "| case | req/s | p50 | p99 | errors | upstream conns opened | RSS before | peak RSS (VmHWM) |"
-  echo "|---|---:|---:|---:|---|---:|---:|---:|"
+  echo "| case | req/s | p50 | p99 | errors | upstream conns opened | RSS, $RSS_CONNS conns open (fresh) | RSS before | peak RSS (VmHWM) |"
+  echo "|---|---:|---:|---:|---|---:|---:|---:|---:|"
   for k in "${CASES[@]}"; do
     [[ -n ${RES[$k.c256.rps]:-} ]] || continue
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' \
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
       "${RES[$k.label]}" "${RES[$k.c256.rps]}" "$(fmt_us "${RES[$k.c256.p50]}")" "$(fmt_us "${RES[$k.c256.p99]}")" \
-      "${RES[$k.c256.err]}" "${RES[$k.c256.upc]}" "$(mib "${RES[$k.idle]}")" "$(mib "${RES[$k.rss]}")"
+      "${RES[$k.c256.err]}" "${RES[$k.c256.upc]}" "$( [[ -n ${RES[$k.open]:-} ]] && mib "${RES[$k.open]}" || echo —)" \
+      "$(mib "${RES[$k.idle]}")" "$(mib "${RES[$k.rss]}")"
   done
   echo
   echo "Notes:"
