@@ -18,7 +18,7 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`config`] | the YAML config: parse → validate → compile, errors with locations |
-//! | [`policy`] | compiled policies and signatures, first-match matching |
+//! | [`policy`], `literals` | compiled policies and signatures, first-match matching; the one-pass literal scan of bodies |
 //! | [`facts`] | what is captured of a request before it is handed on |
 //! | [`diagnose`], [`detect`] | policies, signatures and detectors → [`Explanation`] |
 //! | [`explanation`] | the vocabulary: causes, likelihoods, remediation, exposure |
