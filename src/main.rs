@@ -66,6 +66,11 @@ enum Command {
         /// Log format (RUST_LOG sets the level).
         #[arg(long, value_enum, default_value = "json")]
         log_format: LogFormat,
+        /// Threads that serve requests: 1 runs everything on one thread (like
+        /// one nginx worker, and the right size for a sidecar limited to one
+        /// CPU or less); by default one per CPU.
+        #[arg(long, env = "WHYDENIED_WORKERS")]
+        workers: Option<std::num::NonZeroUsize>,
     },
     /// Run the proxy in front of a built-in demo service that denies in the
     /// common ways, and print the requests to try.
@@ -141,9 +146,11 @@ fn main() -> ExitCode {
             upstream,
             admin,
             log_format,
+            workers,
         } => {
             telemetry::init_logging(log_format.into());
-            runtime().and_then(|rt| rt.block_on(serve(config, listen, upstream, admin)))
+            serve_runtime(workers)
+                .and_then(|rt| rt.block_on(serve(config, listen, upstream, admin)))
         }
         Command::Demo {
             listen,
@@ -161,6 +168,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The runtime of `serve`: one thread, or a pool of `workers` threads.
+fn serve_runtime(
+    workers: Option<std::num::NonZeroUsize>,
+) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = match workers.map(std::num::NonZeroUsize::get) {
+        None => return runtime(),
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

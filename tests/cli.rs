@@ -130,8 +130,23 @@ fn kill(child: &Child, signal: &str) {
 
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_slow_response_complete() {
+    sigterm_case(&[]).await;
+}
+
+/// The same on a one-thread runtime (`--workers 1`): serving, health,
+/// signals and the graceful stop all work without a thread pool.
+#[tokio::test]
+async fn one_worker_thread_serves_and_stops_gracefully() {
+    sigterm_case(&["--workers", "1"]).await;
+}
+
+async fn sigterm_case(extra: &[&str]) {
     let (up, state) = upstream::start().await;
-    let dir = std::env::temp_dir().join(format!("whydenied-hup-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "whydenied-hup-{}-{}",
+        std::process::id(),
+        extra.len()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("whydenied.yaml");
     std::fs::copy(
@@ -153,6 +168,7 @@ async fn sigterm_lets_an_in_flight_slow_response_complete() {
             "--log-format",
             "json",
         ])
+        .args(extra)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
