@@ -43,6 +43,8 @@
 #   NO_INSTALL=1        never apt-get/cargo install missing tools
 #   WHYDENIED_BIN=      binary to run (default target/release/whydenied)
 #   WHYDENIED_RUST_LOG= RUST_LOG for whydenied (default: unset = its default)
+#   WHYDENIED_WORKERS=  whydenied's runtime threads (1 = one thread, like
+#                       nginx's one worker; default: one per core)
 #   RESULTS=bench/results.md   where the Markdown goes ('' = stdout only)
 #   KEEP_TMP=1          keep the temp dir (configs, logs, raw outputs; it is
 #                       also kept when the run fails)
@@ -648,7 +650,11 @@ report() {
   echo "Notes:"
   echo
   echo "- All on one $(nproc)-core machine: wrk ($THREADS threads), the proxy and the upstream share the CPU, so saturation numbers are CPU-bound and relative; compare rows, not absolute values with other machines. \"proxy CPU\" is CPU time used by the proxy process(es) per second of the saturation run (for \"direct\": the upstream's worker)."
-  echo "- nginx runs one worker; whydenied runs a multi-threaded tokio runtime (one thread per core), so it may use more than one core$([[ -n $PIN_NOTE ]] && echo " (here: the cores left to the servers)")."
+  if [[ -n ${WHYDENIED_WORKERS:-} ]]; then
+    echo "- nginx runs one worker; whydenied runs with WHYDENIED_WORKERS=$WHYDENIED_WORKERS ($( [[ $WHYDENIED_WORKERS == 1 ]] && echo "one thread, like nginx's one worker" || echo "that many runtime threads"))."
+  else
+    echo "- nginx runs one worker; whydenied runs a multi-threaded tokio runtime (one thread per core), so it may use more than one core$([[ -n $PIN_NOTE ]] && echo " (here: the cores left to the servers)"); \`WHYDENIED_WORKERS=1\` gives it one thread like nginx's one worker."
+  fi
   echo "- \"upstream conns opened\": connections the upstream accepted during the run (its stub_status). For \"direct\" these are wrk's own (plus its one probe connection). nginx's \`keepalive 64\` keeps at most 64 idle upstream connections per worker, so with more requests in flight than that it keeps opening (and closing) upstream connections."
   echo "- Errors: socket errors plus, for \`/ok\`, responses that are not 2xx/3xx and, for \`/denied\`, responses that are not 403. The whydenied denial row is compared with nginx passing the same 403 through."
   echo "- Peak RSS: VmHWM of the nginx proxy worker / the whydenied process$( ((CLEAR_REFS_OK)) && echo ", reset before each $RSS_CONNS-connection run (/proc/PID/clear_refs), so it is that case's own peak" || echo "; it could not be reset between cases, so later rows include earlier peaks")."
