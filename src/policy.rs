@@ -110,7 +110,9 @@ pub(crate) struct BodyScan {
     /// For each literal, the policies of every literal it contains
     /// (itself included).
     within: Vec<Vec<usize>>,
-    policies: usize,
+    /// For each policy, whether the scan cannot rule it out: it has no
+    /// literals (no body condition, or one without a usable literal).
+    unfiltered: Vec<bool>,
 }
 
 /// Teddy, the SIMD literal search that the automaton uses to skip ahead,
@@ -142,8 +144,12 @@ impl BodyScan {
         policies: usize,
     ) -> Result<Self, BodyScanError> {
         // One entry per distinct literal, with every policy that needs it.
+        let mut unfiltered = vec![true; policies];
         let mut owners: std::collections::BTreeMap<Vec<u8>, Vec<usize>> = Default::default();
         for (literal, policy) in literals {
+            if let Some(u) = unfiltered.get_mut(policy) {
+                *u = false;
+            }
             owners.entry(literal).or_default().push(policy);
         }
         if owners.len() > MAX_BODY_LITERALS {
@@ -186,11 +192,12 @@ impl BodyScan {
         Ok(Self {
             searchers,
             within,
-            policies,
+            unfiltered,
         })
     }
 
-    /// For each policy, whether one of its body literals occurs in `body`.
+    /// For each policy, whether its body condition may hold: one of its
+    /// literals occurs in `body`, or it has none.
     ///
     /// The literals are lowercase and the body is folded in a copy
     /// ([`crate::literals::fold`]), so that the search can use its SIMD
@@ -203,7 +210,7 @@ impl BodyScan {
     /// gives up and calls every policy a candidate, so their own (linear)
     /// regexes decide. Hostile bodies cost time bounded by the body size.
     pub(crate) fn candidates(&self, body: &[u8]) -> Vec<bool> {
-        let mut out = vec![false; self.policies];
+        let mut out = self.unfiltered.clone();
         if self.searchers.is_empty() {
             return out;
         }
@@ -218,7 +225,7 @@ impl BodyScan {
                 };
                 hits += 1;
                 if hits > MAX_LITERAL_HITS {
-                    return vec![true; self.policies];
+                    return vec![true; out.len()];
                 }
                 for &p in &self.within[first + m.pattern().as_usize()] {
                     out[p] = true;
@@ -243,9 +250,6 @@ pub(crate) struct Conditions {
     pub(crate) status: Vec<u16>,
     pub(crate) response_headers: Vec<(HeaderName, HeaderCond)>,
     pub(crate) body: Option<BodyCond>,
-    /// Whether the body condition has required literals in the set's scan
-    /// (if not, it is always checked).
-    pub(crate) body_prefiltered: bool,
     pub(crate) reason: Option<BodyCond>,
     /// Each condition in words, for the evidence of a match.
     pub(crate) described: Vec<String>,
@@ -338,9 +342,10 @@ impl PolicySet {
                     .as_ref()
                     .is_none_or(|cond| cond.holds(upstream.reason.unwrap_or("").as_bytes()))
                 && c.body.as_ref().is_none_or(|cond| {
-                    (!c.body_prefiltered
-                        || body_candidates
-                            .get_or_insert_with(|| self.bodies.candidates(upstream.body))[i])
+                    body_candidates
+                        .get_or_insert_with(|| self.bodies.candidates(upstream.body))
+                        .get(i)
+                        .is_none_or(|&may| may)
                         && cond.holds(upstream.body)
                 });
             holds.then_some(policy)
@@ -417,7 +422,7 @@ mod tests {
                 {
                     held += 1;
                     assert!(
-                        !c.body_prefiltered || candidates[i],
+                        candidates[i],
                         "{} holds but its literals were not found",
                         policy.id
                     );

@@ -410,7 +410,6 @@ impl<'a> PolicyBuilder<'a> {
         }
         if let Some(body) = &m.body {
             let (cond, literals) = body_cond(ctx, body)?;
-            c.body_prefiltered = literals.is_some();
             for literal in literals.into_iter().flatten() {
                 self.body_literals.push((literal, index));
             }
