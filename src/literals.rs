@@ -25,7 +25,7 @@ pub(crate) fn required_literals(pattern: &str) -> Option<Literals> {
     required_set(pattern).map(|set| set.into_iter().map(rare_window).collect())
 }
 
-fn required_set(pattern: &str) -> Option<Vec<Vec<u8>>> {
+fn required_set(pattern: &str) -> Option<Literals> {
     let hir = regex_syntax::ParserBuilder::new()
         .utf8(false)
         .nest_limit(64)
@@ -149,36 +149,26 @@ fn folded_byte(class: &Class) -> Option<u8> {
             Some(o) => o == b,
         }
     };
-    match class {
-        Class::Unicode(u) => {
-            for r in u.ranges() {
-                if u32::from(r.end()) - u32::from(r.start()) > 1 {
-                    return None;
-                }
-                for c in u32::from(r.start())..=u32::from(r.end()) {
-                    if !take(c) {
-                        return None;
-                    }
-                }
-            }
-        }
-        Class::Bytes(b) => {
-            for r in b.ranges() {
-                if r.end() - r.start() > 1 {
-                    return None;
-                }
-                for c in r.start()..=r.end() {
-                    if !take(u32::from(c)) {
-                        return None;
-                    }
-                }
-            }
-        }
+    // Every range must be one or two characters (`K`, `Kk`), all folding
+    // to the same byte.
+    let mut range = |start: u32, end: u32| end - start <= 1 && (start..=end).all(&mut take);
+    let single = match class {
+        Class::Unicode(u) => u
+            .ranges()
+            .iter()
+            .all(|r| range(r.start().into(), r.end().into())),
+        Class::Bytes(b) => b
+            .ranges()
+            .iter()
+            .all(|r| range(r.start().into(), r.end().into())),
+    };
+    if !single {
+        return None;
     }
     only
 }
 
-fn required(hir: &Hir) -> Option<Vec<Vec<u8>>> {
+fn required(hir: &Hir) -> Option<Literals> {
     match hir.kind() {
         HirKind::Literal(lit) => Some(vec![lit.0.to_ascii_lowercase()]),
         HirKind::Class(class) => folded_byte(class).map(|b| vec![vec![b]]),
@@ -197,8 +187,8 @@ fn required(hir: &Hir) -> Option<Vec<Vec<u8>>> {
             Some(all)
         }
         HirKind::Concat(subs) => {
-            let mut best: Option<Vec<Vec<u8>>> = None;
-            let mut consider = |candidate: Vec<Vec<u8>>| {
+            let mut best: Option<Literals> = None;
+            let mut consider = |candidate: Literals| {
                 if best.as_ref().is_none_or(|b| better(&candidate, b)) {
                     best = Some(candidate);
                 }
