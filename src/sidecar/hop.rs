@@ -138,24 +138,6 @@ pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop) {
     let believed = incoming && hop.trusted;
     let mut ip = String::with_capacity(48);
     push_ip(&mut ip, peer_ip);
-    let xff = match believed
-        .then(|| joined(headers, &X_FORWARDED_FOR))
-        .flatten()
-    {
-        Some(chain) => format!("{chain}, {ip}"),
-        None => ip.clone(),
-    };
-    if let Some(v) = owned_value(xff) {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
-    if !(believed && headers.contains_key(&X_FORWARDED_PROTO)) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(hop.proto));
-    }
-    if !(believed && headers.contains_key(&X_FORWARDED_HOST))
-        && let Some(host) = &hop.host
-    {
-        headers.insert(X_FORWARDED_HOST, host.clone());
-    }
     let mut element = String::with_capacity(64);
     element.push_str("for=");
     if peer_ip.is_ipv4() {
@@ -173,6 +155,24 @@ pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop) {
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
     {
         let _ = write!(element, ";host=\"{host}\"");
+    }
+    let xff = match believed
+        .then(|| joined(headers, &X_FORWARDED_FOR))
+        .flatten()
+    {
+        Some(chain) => format!("{chain}, {ip}"),
+        None => ip,
+    };
+    if let Some(v) = owned_value(xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    if !(believed && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(hop.proto));
+    }
+    if !(believed && headers.contains_key(&X_FORWARDED_HOST))
+        && let Some(host) = &hop.host
+    {
+        headers.insert(X_FORWARDED_HOST, host.clone());
     }
     let forwarded = match believed
         .then(|| joined(headers, &header::FORWARDED))
