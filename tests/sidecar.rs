@@ -617,3 +617,160 @@ async fn a_configmap_style_symlink_swap_is_picked_up() {
     .expect("the swapped config was never loaded");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// An upstream written byte by byte: it answers the bodiless requests on a
+/// connection with `connection <n>` (the how-manieth connection it accepted)
+/// and closes the connection after `per_connection` answers, as a keep-alive
+/// timeout would, without saying so in the response. `closed` is notified
+/// after each close.
+async fn counting_upstream(
+    per_connection: usize,
+) -> (SocketAddr, Arc<AtomicUsize>, Arc<tokio::sync::Notify>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(tokio::sync::Notify::new());
+    let (count, notify) = (accepted.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            let notify = notify.clone();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                for _ in 0..per_connection {
+                    while !pending.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => pending.extend_from_slice(&buf[..k]),
+                        }
+                    }
+                    let end = pending.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                    pending.drain(..end + 4);
+                    let body = format!("connection {n}");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                drop(s);
+                notify.notify_one();
+            });
+        }
+    });
+    (addr, accepted, closed)
+}
+
+/// One HTTP/1.1 client connection to `addr`.
+async fn http1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn body_of(sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>) -> String {
+    let req = Request::get("/")
+        .header("host", "x")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = tokio::time::timeout(GUARD, sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    common::text(res).await
+}
+
+#[tokio::test]
+async fn each_client_connection_keeps_one_upstream_connection() {
+    let (up, accepted, _) = counting_upstream(usize::MAX).await;
+    let p = proxy("", up).await;
+    let mut first = http1(p.addr).await;
+    for _ in 0..5 {
+        assert_eq!(body_of(&mut first).await, "connection 1");
+    }
+    let mut second = http1(p.addr).await;
+    assert_eq!(body_of(&mut second).await, "connection 2");
+    assert_eq!(body_of(&mut first).await, "connection 1");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_upstream_connection_closed_while_idle_is_replaced() {
+    let (up, accepted, closed) = counting_upstream(1).await;
+    let p = proxy("", up).await;
+    let mut client = http1(p.addr).await;
+    assert_eq!(body_of(&mut client).await, "connection 1");
+    tokio::time::timeout(GUARD, closed.notified())
+        .await
+        .unwrap();
+    // The kept connection is gone: the next request goes over a new one.
+    assert_eq!(body_of(&mut client).await, "connection 2");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+/// Reads one response (head and `content-length` body) from `s`; `None` if
+/// the connection closes first.
+async fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> Option<String> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if pending.len() >= end + 4 + len {
+                pending.drain(..end + 4 + len);
+                return Some(head);
+            }
+        }
+        match tokio::time::timeout(GUARD, s.read(&mut buf))
+            .await
+            .expect("stalled")
+        {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_answer_before_the_request_body_does_not_stall_the_connection() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("", up).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    // The upstream answers after the first part of the body; the rest is
+    // still to come.
+    let total = 1024 * 1024;
+    s.write_all(
+        format!("POST /early-denial HTTP/1.1\r\nhost: x\r\ncontent-length: {total}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    s.write_all(&[b'x'; 1024]).await.unwrap();
+    let mut pending = Vec::new();
+    let head = read_response(&mut s, &mut pending).await.unwrap();
+    assert!(head.starts_with("http/1.1 403"), "{head}");
+    // The rest of the body, then the next request on the same connection:
+    // it is answered, or the connection is closed; it never hangs.
+    let rest = vec![b'x'; total - 1024];
+    let writer = async {
+        let _ = s.write_all(&rest).await;
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    };
+    tokio::time::timeout(GUARD, writer).await.expect("stalled");
+    if let Some(head) = read_response(&mut s, &mut pending).await {
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+    }
+    // And the proxy still serves.
+    let res = send(p.addr, get(p.addr, "/")).await;
+    assert_eq!(common::text(res).await, "hello from upstream");
+}

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod demo;
+pub mod direct;
 pub mod hop;
 pub mod proxy;
 pub mod reload;
@@ -127,7 +128,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let layer = ExplainLayer::with_handle(handle.clone()).identity_from_trusted_proxies_only(true);
     let recorder = layer.recorder().clone();
     let proxy = proxy::Proxy::new(handle.clone(), upstream.clone()).map_err(StartError::Tls)?;
-    let service = layer.layer(proxy);
+    let for_connection = move || layer.layer(proxy.for_connection());
     // Histogram samples wait in the recorder until drained: drain them every
     // few seconds, not only when /metrics is scraped, so memory stays bounded.
     let upkeep_handle = metrics.clone();
@@ -146,7 +147,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     };
     let data_task = tokio::spawn(server::serve(
         data,
-        service,
+        for_connection,
         server::ServeSettings {
             limits: limits.clone(),
             record_metrics: true,
@@ -156,7 +157,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     ));
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
-        admin,
+        move || admin.clone(),
         server::ServeSettings {
             limits,
             record_metrics: false,

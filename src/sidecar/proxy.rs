@@ -27,6 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use super::direct::{self, ExchangeError, Link, Slot};
 use super::hop::{self, Hop};
 use crate::config::ConfigHandle;
 use crate::diagnose::proxy_failure;
@@ -41,15 +42,23 @@ type Connector = HttpConnector;
 type UpstreamClient = Client<Connector, Limited<Incoming>>;
 
 /// Forwards requests to the upstream.
+///
+/// Clones share everything. [`Proxy::for_connection`] gives a downstream
+/// connection its own clone, which keeps that connection's upstream
+/// connection between requests (see [`super::direct`]).
 #[derive(Clone)]
 pub struct Proxy {
     inner: Arc<Inner>,
+    slot: Option<Slot>,
 }
 
 struct Inner {
     client: UpstreamClient,
     config: ConfigHandle,
     upstream: Upstream,
+    // Whether downstream HTTP/1 connections get an upstream connection of
+    // their own (plain `http://` upstreams; TLS ones use the pool).
+    direct: bool,
 }
 
 /// Where requests go.
@@ -92,13 +101,25 @@ impl Proxy {
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(256)
             .build(connector);
+        let direct = upstream.scheme == Scheme::HTTP;
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
                 config,
                 upstream,
+                direct,
             }),
+            slot: None,
         })
+    }
+
+    /// The clone that serves one downstream connection: its HTTP/1 requests
+    /// go over one upstream connection of its own, kept between requests.
+    pub fn for_connection(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            slot: self.inner.direct.then(Slot::default),
+        }
     }
 }
 
@@ -115,6 +136,10 @@ pin_project! {
             // Whether `idle` runs from the current wait: the timer is only
             // touched when the upstream makes us wait, not per frame.
             armed: bool,
+            // The connection the body arrives on, when this task drives it
+            // (not a pooled one), and where it goes once the body is read.
+            link: Option<Link>,
+            slot: Option<Slot>,
         },
         /// Made by the proxy (an explained failure).
         Local { #[pin] body: Full<Bytes> },
@@ -132,7 +157,41 @@ impl ProxyBody {
             idle: tokio::time::sleep(timeout),
             timeout,
             armed: false,
+            link: None,
+            slot: None,
         }
+    }
+
+    /// The upstream's body arriving on `link`, which goes back to `slot`
+    /// once the body has been read to its end.
+    fn direct(body: Incoming, timeout: Duration, link: Link, slot: Slot) -> Self {
+        let mut link = Some(link);
+        if body.is_end_stream() {
+            // No body to wait for (HEAD, 204, 304, `content-length: 0`):
+            // nobody will poll this body, so the connection goes back now.
+            // The slot does not rely on wake-ups, so no waker is needed.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            give_back(&mut link, Some(&slot), &mut cx);
+        }
+        ProxyBody::Upstream {
+            body,
+            idle: tokio::time::sleep(timeout),
+            timeout,
+            armed: false,
+            link,
+            slot: Some(slot),
+        }
+    }
+}
+
+/// Returns a connection whose response has been read to the slot it came
+/// from, if it can take another request; otherwise closes it.
+#[inline]
+fn give_back(link: &mut Option<Link>, slot: Option<&Slot>, cx: &mut Context<'_>) {
+    if let (Some(mut link), Some(slot)) = (link.take(), slot)
+        && link.reusable(cx)
+    {
+        slot.put(link);
     }
 }
 
@@ -147,29 +206,49 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.project() {
             ProxyBodyProj::Upstream {
-                body,
+                mut body,
                 mut idle,
                 timeout,
                 armed,
-            } => match body.poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    *armed = false;
-                    Poll::Ready(Some(Ok(frame)))
+                link,
+                slot,
+            } => {
+                // The connection first: it is what moves the body's bytes.
+                if let Some(l) = link
+                    && l.poll_conn(cx).is_ready()
+                {
+                    *link = None;
                 }
-                Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
-                Poll::Pending => {
-                    if !*armed {
-                        idle.as_mut().reset(tokio::time::Instant::now() + *timeout);
-                        *armed = true;
+                match body.as_mut().poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        *armed = false;
+                        if body.is_end_stream() {
+                            give_back(link, slot.as_ref(), cx);
+                        }
+                        Poll::Ready(Some(Ok(frame)))
                     }
-                    match idle.poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(Some(Err(
-                            "the upstream sent nothing for the idle timeout".into(),
-                        ))),
-                        Poll::Pending => Poll::Pending,
+                    Poll::Ready(None) => {
+                        give_back(link, slot.as_ref(), cx);
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        *link = None;
+                        Poll::Ready(Some(Err(e.into())))
+                    }
+                    Poll::Pending => {
+                        if !*armed {
+                            idle.as_mut().reset(tokio::time::Instant::now() + *timeout);
+                            *armed = true;
+                        }
+                        match idle.poll(cx) {
+                            Poll::Ready(()) => Poll::Ready(Some(Err(
+                                "the upstream sent nothing for the idle timeout".into(),
+                            ))),
+                            Poll::Pending => Poll::Pending,
+                        }
                     }
                 }
-            },
+            }
             ProxyBodyProj::Local { body } => body
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(|never: Infallible| match never {}))),
@@ -204,7 +283,8 @@ impl Service<Request<Incoming>> for Proxy {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let inner = self.inner.clone();
-        Box::pin(async move { Ok(inner.forward(req).await) })
+        let slot = self.slot.clone();
+        Box::pin(async move { Ok(inner.forward(req, slot).await) })
     }
 }
 
@@ -229,7 +309,7 @@ impl Failure {
 }
 
 impl Inner {
-    async fn forward(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn forward(&self, mut req: Request<Incoming>, slot: Option<Slot>) -> Response<ProxyBody> {
         let config = self.config.load();
         let limits = config.limits();
         let accept = req.headers().get(header::ACCEPT).cloned();
@@ -258,6 +338,9 @@ impl Inner {
             .map(|a| a.0)
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let upgrading = hop::is_upgrade(req.headers());
+        // HTTP/2 multiplexes (and upgrades hand the connection over): both
+        // use the pool.
+        let slot = slot.filter(|_| !upgrading && req.version() <= Version::HTTP_11);
         let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
@@ -289,6 +372,31 @@ impl Inner {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.version = Version::HTTP_11;
+        let limit = body_limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+
+        if let Some(slot) = slot {
+            // Written as is on our own connection: origin form.
+            parts.uri = Uri::from(path);
+            let outbound = Request::from_parts(parts, Limited::new(body, limit));
+            let exchange = direct::exchange(
+                &slot,
+                &self.upstream.authority,
+                limits.upstream_connect_timeout,
+                outbound,
+            );
+            let (response, link) =
+                match tokio::time::timeout(limits.upstream_response_timeout, exchange).await {
+                    Err(_elapsed) => return fail(Failure::Timeout),
+                    Ok(Err(e)) => return fail(classify_exchange(&e)),
+                    Ok(Ok(pair)) => pair,
+                };
+            let (mut parts, body) = response.into_parts();
+            upstream_head(&mut parts);
+            let body = ProxyBody::direct(body, limits.idle_timeout, link, slot);
+            return Response::from_parts(parts, body);
+        }
+
         let Ok(uri) = Uri::builder()
             .scheme(self.upstream.scheme.clone())
             .authority(self.upstream.authority.clone())
@@ -298,8 +406,6 @@ impl Inner {
             return fail(Failure::UriTooLong);
         };
         parts.uri = uri;
-        parts.version = Version::HTTP_11;
-        let limit = body_limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
         let outbound = Request::from_parts(parts, Limited::new(body, limit));
 
         let response = tokio::time::timeout(
@@ -335,19 +441,25 @@ impl Inner {
         }
 
         let (mut parts, body) = response.into_parts();
-        hop::strip_hop_by_hop(&mut parts.headers, false);
-        if parts.status.is_client_error() || parts.status.is_server_error() {
-            let reason = parts
-                .extensions
-                .get::<hyper::ext::ReasonPhrase>()
-                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned());
-            if let Some(reason) = reason {
-                parts
-                    .extensions
-                    .insert(crate::policy::UpstreamReason(reason));
-            }
-        }
+        upstream_head(&mut parts);
         Response::from_parts(parts, ProxyBody::upstream(body, limits.idle_timeout))
+    }
+}
+
+/// Header hygiene on an upstream response (not an upgrade), and the reason
+/// phrase of an error kept for the explanation.
+fn upstream_head(parts: &mut http::response::Parts) {
+    hop::strip_hop_by_hop(&mut parts.headers, false);
+    if parts.status.is_client_error() || parts.status.is_server_error() {
+        let reason = parts
+            .extensions
+            .get::<hyper::ext::ReasonPhrase>()
+            .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned());
+        if let Some(reason) = reason {
+            parts
+                .extensions
+                .insert(crate::policy::UpstreamReason(reason));
+        }
     }
 }
 
@@ -366,8 +478,16 @@ fn join_cookies(headers: &mut http::HeaderMap) {
     }
 }
 
-fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+fn classify_exchange(e: &ExchangeError) -> Failure {
+    match e {
+        ExchangeError::ConnectTimeout => Failure::Timeout,
+        ExchangeError::Connect(_) | ExchangeError::Dropped => Failure::Refused,
+        ExchangeError::Http(e) => classify(e),
+    }
+}
+
+fn classify(e: &(dyn std::error::Error + 'static)) -> Failure {
+    let mut source = Some(e);
     while let Some(err) = source {
         if err.is::<http_body_util::LengthLimitError>() {
             return Failure::BodyTooLarge;

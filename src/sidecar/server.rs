@@ -32,14 +32,16 @@ pub struct ServeSettings {
     pub name: &'static str,
 }
 
-/// Serves `service` on `listener` until `shutdown` resolves, then waits for
-/// in-flight connections up to the grace period.
-pub async fn serve<S, B>(
+/// Serves on `listener` until `shutdown` resolves, then waits for in-flight
+/// connections up to the grace period. `make_service` gives each connection
+/// its service (clones of it serve the connection's requests).
+pub async fn serve<M, S, B>(
     listener: TcpListener,
-    service: S,
+    make_service: M,
     settings: ServeSettings,
     shutdown: impl Future<Output = ()>,
 ) where
+    M: Fn() -> S,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
@@ -97,7 +99,7 @@ pub async fn serve<S, B>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = service.clone();
+        let service = make_service();
         let per_request = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(ClientAddr(peer));
             let mut service = service.clone();

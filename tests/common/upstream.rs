@@ -167,6 +167,9 @@ async fn answer(state: Arc<UpstreamState>, mut req: Request<Incoming>) -> Respon
             StatusCode::FORBIDDEN,
             "error: invalid credentials Bearer sEcReT4Body1234567 for eyJhbGciOiJIUzI1NiJ9.eyJzZWNyZXQiOiJ4In0.c2VjcmV0NQ\r\nfin",
         ),
+        // Answers without reading the request body, as many authorization
+        // checks do.
+        "/early-denial" => full(StatusCode::FORBIDDEN, "denied before the body was read"),
         "/denied" => {
             let mut res = full(StatusCode::FORBIDDEN, "Forbidden by upstream");
             res.headers_mut()
