@@ -22,9 +22,11 @@ const MAX_FORWARDED_HOPS: usize = 32;
 
 /// The address of the peer that sent the request.
 ///
-/// Insert it as a request extension so the layer knows the client address
-/// (the sidecar does this for every connection). With the `axum` feature the
-/// layer also reads axum's `ConnectInfo<SocketAddr>`.
+/// Insert it as a request extension so the layer knows the client address,
+/// or give it to the service once per connection with
+/// [`Explain::with_client_addr`](crate::Explain::with_client_addr) (the
+/// sidecar does). With the `axum` feature the layer also reads axum's
+/// `ConnectInfo<SocketAddr>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
 

@@ -47,6 +47,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -134,6 +135,7 @@ impl<S> Layer<S> for ExplainLayer {
             inner,
             config: self.config.clone(),
             trusted_identity_only: self.trusted_identity_only,
+            client_addr: None,
         }
     }
 }
@@ -144,12 +146,22 @@ pub struct Explain<S> {
     inner: S,
     config: ConfigHandle,
     trusted_identity_only: bool,
+    client_addr: Option<SocketAddr>,
 }
 
 impl<S> Explain<S> {
     /// Wraps `inner` with `config`.
     pub fn new(inner: S, config: Config) -> Self {
         ExplainLayer::new(config).layer(inner)
+    }
+
+    /// The peer address of the connection this service serves, for servers
+    /// that make one service per connection (the sidecar does): no
+    /// [`ClientAddr`](crate::ClientAddr) extension is then needed on each
+    /// request. An extension on a request still takes precedence.
+    pub fn with_client_addr(mut self, addr: SocketAddr) -> Self {
+        self.client_addr = Some(addr);
+        self
     }
 
     /// The inner service.
@@ -188,6 +200,9 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let config = self.config.load();
         let mut facts = RequestFacts::capture(&req, &config);
+        if facts.peer.is_none() {
+            facts.peer = self.client_addr;
+        }
         if self.trusted_identity_only
             && facts.identity_header().is_some()
             && !facts.peer.is_some_and(|p| config.is_trusted_proxy(p.ip()))

@@ -210,9 +210,12 @@ fn push_ip(out: &mut String, ip: IpAddr) {
     }
 }
 
-/// A header value that takes over the string's buffer (no copy).
+/// A header value that takes over the string's buffer (no copy). Shrunk to
+/// its length first: `Bytes` adopts an exactly sized buffer as it is, but
+/// allocates a separate shared header for one with spare capacity.
 fn owned_value(text: String) -> Option<HeaderValue> {
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
+    let exact = text.into_boxed_str().into_boxed_bytes();
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(exact)).ok()
 }
 
 /// All values of a header joined with ", ", if any (and readable).

@@ -1,9 +1,11 @@
 //! The sidecar: `whydenied serve`, a reverse proxy that wraps the explaining
 //! layer around one upstream, with an admin listener and live reload.
 //!
-//! The stack, outermost first: the accept loop ([`server`]) inserts the
-//! client address → [`crate::ExplainLayer`] explains denials → [`proxy`]
-//! forwards to the upstream with header hygiene ([`hop`]).
+//! The stack, outermost first: the accept loop ([`server`]) makes one
+//! service per connection, which knows the client address →
+//! [`crate::ExplainLayer`] explains denials → [`proxy`] forwards to the
+//! upstream with header hygiene ([`hop`]), over the connection's own
+//! upstream connection ([`direct`]).
 
 pub mod admin;
 pub mod demo;
@@ -128,7 +130,11 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let layer = ExplainLayer::with_handle(handle.clone()).identity_from_trusted_proxies_only(true);
     let recorder = layer.recorder().clone();
     let proxy = proxy::Proxy::new(handle.clone(), upstream.clone()).map_err(StartError::Tls)?;
-    let for_connection = move || layer.layer(proxy.for_connection());
+    let for_connection = move |peer| {
+        layer
+            .layer(proxy.for_connection(peer))
+            .with_client_addr(peer)
+    };
     // Histogram samples wait in the recorder until drained: drain them every
     // few seconds, not only when /metrics is scraped, so memory stays bounded.
     let upkeep_handle = metrics.clone();
@@ -157,7 +163,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     ));
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
-        move || admin.clone(),
+        move |_peer| admin.clone(),
         server::ServeSettings {
             limits,
             record_metrics: false,

@@ -50,6 +50,7 @@ type UpstreamClient = Client<Connector, Limited<Incoming>>;
 pub struct Proxy {
     inner: Arc<Inner>,
     slot: Option<Slot>,
+    peer: Option<SocketAddr>,
 }
 
 struct Inner {
@@ -110,15 +111,18 @@ impl Proxy {
                 direct,
             }),
             slot: None,
+            peer: None,
         })
     }
 
-    /// The clone that serves one downstream connection: its HTTP/1 requests
-    /// go over one upstream connection of its own, kept between requests.
-    pub fn for_connection(&self) -> Self {
+    /// The clone that serves one downstream connection from `peer`: its
+    /// HTTP/1 requests go over one upstream connection of its own, kept
+    /// between requests.
+    pub fn for_connection(&self, peer: SocketAddr) -> Self {
         Self {
             inner: self.inner.clone(),
             slot: self.inner.direct.then(Slot::default),
+            peer: Some(peer),
         }
     }
 }
@@ -284,7 +288,8 @@ impl Service<Request<Incoming>> for Proxy {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let inner = self.inner.clone();
         let slot = self.slot.clone();
-        Box::pin(async move { Ok(inner.forward(req, slot).await) })
+        let peer = self.peer;
+        Box::pin(async move { Ok(inner.forward(req, slot, peer).await) })
     }
 }
 
@@ -309,7 +314,12 @@ impl Failure {
 }
 
 impl Inner {
-    async fn forward(&self, mut req: Request<Incoming>, slot: Option<Slot>) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        slot: Option<Slot>,
+        peer: Option<SocketAddr>,
+    ) -> Response<ProxyBody> {
         let config = self.config.load();
         let limits = config.limits();
         let accept = req.headers().get(header::ACCEPT).cloned();
@@ -336,6 +346,7 @@ impl Inner {
             .extensions()
             .get::<ClientAddr>()
             .map(|a| a.0)
+            .or(peer)
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let upgrading = hop::is_upgrade(req.headers());
         // HTTP/2 multiplexes (and upgrades hand the connection over): both

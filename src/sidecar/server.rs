@@ -20,7 +20,6 @@ use tokio::sync::Semaphore;
 use tower_service::Service;
 
 use crate::config::Limits;
-use crate::facts::ClientAddr;
 
 /// How a listener serves.
 pub struct ServeSettings {
@@ -34,14 +33,15 @@ pub struct ServeSettings {
 
 /// Serves on `listener` until `shutdown` resolves, then waits for in-flight
 /// connections up to the grace period. `make_service` gives each connection
-/// its service (clones of it serve the connection's requests).
+/// its service, from the peer's address (clones of it serve the
+/// connection's requests).
 pub async fn serve<M, S, B>(
     listener: TcpListener,
     make_service: M,
     settings: ServeSettings,
     shutdown: impl Future<Output = ()>,
 ) where
-    M: Fn() -> S,
+    M: Fn(SocketAddr) -> S,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
@@ -99,9 +99,8 @@ pub async fn serve<M, S, B>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = make_service();
-        let per_request = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(ClientAddr(peer));
+        let service = make_service(peer);
+        let per_request = hyper::service::service_fn(move |req: Request<Incoming>| {
             let mut service = service.clone();
             async move {
                 let start = record.then(Instant::now);
