@@ -622,7 +622,7 @@ async fn a_configmap_style_symlink_swap_is_picked_up() {
 /// connection with `connection <n>` (the how-manieth connection it accepted)
 /// and closes the connection after `per_connection` answers, as a keep-alive
 /// timeout would, without saying so in the response. `closed` is notified
-/// after each close.
+/// whenever a connection ends, closed by either side.
 async fn counting_upstream(
     per_connection: usize,
 ) -> (SocketAddr, Arc<AtomicUsize>, Arc<tokio::sync::Notify>) {
@@ -641,7 +641,10 @@ async fn counting_upstream(
                 for _ in 0..per_connection {
                     while !pending.windows(4).any(|w| w == b"\r\n\r\n") {
                         match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
+                            Ok(0) | Err(_) => {
+                                notify.notify_one();
+                                return;
+                            }
                             Ok(k) => pending.extend_from_slice(&buf[..k]),
                         }
                     }
@@ -699,6 +702,26 @@ async fn each_client_connection_keeps_one_upstream_connection() {
     assert_eq!(body_of(&mut second).await, "connection 2");
     assert_eq!(body_of(&mut first).await, "connection 1");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_idle_client_connection_is_closed_with_its_upstream_connection() {
+    let (up, accepted, closed) = counting_upstream(usize::MAX).await;
+    let p = proxy("limits: { header_read_timeout: 1s }\n", up).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let head = read_response(&mut s, &mut pending).await.unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    // Nothing more is sent: the header timeout closes the client
+    // connection, and the upstream connection it kept goes with it.
+    assert!(read_response(&mut s, &mut pending).await.is_none());
+    tokio::time::timeout(GUARD, closed.notified())
+        .await
+        .expect("the upstream connection was kept open");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
