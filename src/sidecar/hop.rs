@@ -154,7 +154,9 @@ pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop) {
             .bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
     {
-        let _ = write!(element, ";host=\"{host}\"");
+        element.push_str(";host=\"");
+        element.push_str(host);
+        element.push('"');
     }
     let xff = match believed
         .then(|| joined(headers, &X_FORWARDED_FOR))
