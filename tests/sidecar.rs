@@ -764,36 +764,109 @@ async fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> Option<Strin
     }
 }
 
+/// An upstream like nginx with keep-alive: it answers `POST /upload` with a
+/// 403 before reading the body, then reads and discards the declared body
+/// and serves the next request; anything else gets 200 "ok". It records the
+/// request heads it saw (lower-cased).
+async fn early_answering_upstream() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let (mut pending, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
+                loop {
+                    while !pending.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => pending.extend_from_slice(&buf[..k]),
+                        }
+                    }
+                    let end = pending.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                    let head = String::from_utf8_lossy(&pending[..end]).to_lowercase();
+                    pending.drain(..end + 4);
+                    seen.lock().unwrap().push(head.clone());
+                    let mut len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    let answer: &[u8] = if head.starts_with("post /upload") {
+                        b"HTTP/1.1 403 Forbidden\r\ncontent-length: 6\r\n\r\ndenied"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    let buffered = len.min(pending.len());
+                    pending.drain(..buffered);
+                    len -= buffered;
+                    while len > 0 {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => {
+                                let body = k.min(len);
+                                len -= body;
+                                pending.extend_from_slice(&buf[body..k]);
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
 #[tokio::test]
-async fn an_answer_before_the_request_body_does_not_stall_the_connection() {
-    let (up, _) = upstream::start().await;
+async fn an_early_denial_of_an_upload_reaches_a_client_that_writes_first() {
+    let (up, _) = early_answering_upstream().await;
     let p = proxy("", up).await;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
-    // The upstream answers after the first part of the body; the rest is
-    // still to come.
-    let total = 1024 * 1024;
-    s.write_all(
-        format!("POST /early-denial HTTP/1.1\r\nhost: x\r\ncontent-length: {total}\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .unwrap();
-    s.write_all(&[b'x'; 1024]).await.unwrap();
-    let mut pending = Vec::new();
-    let head = read_response(&mut s, &mut pending).await.unwrap();
-    assert!(head.starts_with("http/1.1 403"), "{head}");
-    // The rest of the body, then the next request on the same connection:
-    // it is answered, or the connection is closed; it never hangs.
-    let rest = vec![b'x'; total - 1024];
-    let writer = async {
-        let _ = s.write_all(&rest).await;
-        let _ = s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    // Like curl: the whole body is written before the answer is read.
+    let chunk = [b'x'; 64 * 1024];
+    let chunks = 128;
+    let total = chunk.len() * chunks;
+    let upload = async {
+        let head = format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {total}\r\n\r\n");
+        s.write_all(head.as_bytes()).await?;
+        for _ in 0..chunks {
+            s.write_all(&chunk).await?;
+        }
+        std::io::Result::Ok(())
     };
-    tokio::time::timeout(GUARD, writer).await.expect("stalled");
-    if let Some(head) = read_response(&mut s, &mut pending).await {
-        assert!(head.starts_with("http/1.1 200"), "{head}");
-    }
-    // And the proxy still serves.
-    let res = send(p.addr, get(p.addr, "/")).await;
-    assert_eq!(common::text(res).await, "hello from upstream");
+    let wrote = tokio::time::timeout(GUARD, upload).await.expect("stalled");
+    assert!(wrote.is_ok(), "the upload was cut off: {wrote:?}");
+    let mut pending = Vec::new();
+    let head = read_response(&mut s, &mut pending)
+        .await
+        .expect("no answer");
+    assert!(head.starts_with("http/1.1 403"), "{head}");
+    // The connection is still usable.
+    s.write_all(b"GET /next HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_response(&mut s, &mut pending)
+        .await
+        .expect("closed after the early denial");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+}
+
+#[tokio::test]
+async fn an_http10_request_without_host_reaches_the_upstream_with_one() {
+    let (up, heads) = early_answering_upstream().await;
+    let p = proxy("", up).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /plain HTTP/1.0\r\n\r\n").await.unwrap();
+    let head = read_response(&mut s, &mut Vec::new()).await.unwrap();
+    assert!(head.contains(" 200 "), "{head}");
+    let seen = heads.lock().unwrap()[0].clone();
+    assert!(seen.starts_with("get /plain http/1.1"), "{seen}");
+    assert!(
+        seen.lines().any(|l| l == format!("host: {up}")),
+        "no Host upstream: {seen}"
+    );
 }

@@ -18,6 +18,12 @@
 //! write, hyper hands the unsent request back and it is sent once more on a
 //! fresh connection; a request that was already written is never repeated.
 //!
+//! When the upstream answers before it has read the whole request body (an
+//! early denial of an upload), the response can end while the body still
+//! streams. The connection then finishes that exchange in a task of its own
+//! (within the idle timeout), so the client can finish sending and read the
+//! answer on a connection that stays usable, as with a pooled connection.
+//!
 //! The shared pool still serves HTTP/2 downstream connections (many
 //! exchanges at once), upgrades, and `https://` upstreams.
 
@@ -27,13 +33,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
-use http::uri::Authority;
-use http::{Request, Response};
+use http::{Request, Response, Uri};
 use http_body_util::Limited;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tower_service::Service;
 
 /// The body of a request on its way to the upstream.
 pub type OutBody = Limited<Incoming>;
@@ -57,9 +64,7 @@ impl Link {
     }
 
     /// Whether the connection can carry another request now that a response
-    /// has been read to its end. Not when the upstream answered before
-    /// reading the whole request body (common for denials): that body still
-    /// streams, and nothing would drive it while the connection sits idle.
+    /// has been read to its end.
     pub fn reusable(&mut self, cx: &mut std::task::Context<'_>) -> bool {
         if self.0.send.is_ready() {
             return true;
@@ -68,6 +73,25 @@ impl Link {
             return false;
         }
         matches!(self.0.send.poll_ready(cx), Poll::Ready(Ok(())))
+    }
+
+    /// Hands a connection whose response has been read to its end back to
+    /// `slot`. If the upstream answered before reading the whole request
+    /// body (common for denials), the body still streams: the exchange is
+    /// finished in a task of its own, within `limit`, so that the client can
+    /// finish sending and read the answer, and the connection then goes back
+    /// if the slot is still free.
+    pub fn give_back(mut self, slot: &Slot, limit: Duration, cx: &mut std::task::Context<'_>) {
+        if self.reusable(cx) {
+            slot.put(self);
+            return;
+        }
+        let slot = slot.clone();
+        tokio::spawn(async move {
+            if let Ok(true) = tokio::time::timeout(limit, ready(&mut self)).await {
+                slot.put(self);
+            }
+        });
     }
 }
 
@@ -96,35 +120,25 @@ impl Slot {
 /// How an exchange failed.
 #[derive(Debug)]
 pub enum ExchangeError {
-    /// The TCP connection could not be made in time.
-    ConnectTimeout,
-    /// The TCP connection or HTTP handshake failed.
-    Connect(std::io::Error),
+    /// No connection could be made (refused, unreachable, timed out: the
+    /// source says which).
+    Connect(Box<dyn std::error::Error + Send + Sync>),
     /// The exchange failed after the request was handed to the connection.
     Http(hyper::Error),
-    /// The connection ended without answering (should not happen: hyper
-    /// answers every request it accepted before its connection ends).
-    Dropped,
 }
 
-/// Opens a new upstream connection to `authority` (an `http://` upstream).
-pub async fn connect(authority: &Authority, timeout: Duration) -> Result<Link, ExchangeError> {
-    let host = authority.host();
-    // `[::1]` in a URL is `::1` to the resolver.
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    let port = authority.port_u16().unwrap_or(80);
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
-        Err(_elapsed) => return Err(ExchangeError::ConnectTimeout),
-        Ok(Err(e)) => return Err(ExchangeError::Connect(e)),
-        Ok(Ok(stream)) => stream,
-    };
-    let _ = stream.set_nodelay(true);
-    let (send, conn) = http1::handshake(TokioIo::new(stream))
+/// Opens a new upstream connection to `upstream` (an `http://` URL) with
+/// the proxy's connector (its connect timeout, TCP keepalive and `nodelay`,
+/// and every resolved address tried, IPv6 and IPv4 side by side).
+pub async fn connect(connector: &HttpConnector, upstream: &Uri) -> Result<Link, ExchangeError> {
+    let io = connector
+        .clone()
+        .call(upstream.clone())
         .await
-        .map_err(|e| ExchangeError::Connect(std::io::Error::other(e)))?;
+        .map_err(|e| ExchangeError::Connect(Box::new(e)))?;
+    let (send, conn) = http1::handshake(io)
+        .await
+        .map_err(|e| ExchangeError::Connect(Box::new(e)))?;
     Ok(Link(Box::new(LinkParts { send, conn })))
 }
 
@@ -142,35 +156,37 @@ async fn ready(link: &mut Link) -> bool {
 
 /// What sending on one connection gave.
 enum Sent {
-    Response(Response<Incoming>),
+    /// The response head, and the connection its body arrives on, unless the
+    /// connection has already finished (then it delivered all it will).
+    Response(Response<Incoming>, Option<Link>),
     /// Not written to the connection: safe to send elsewhere.
     Unsent(Request<OutBody>, hyper::Error),
-    Failed(ExchangeError),
+    Failed(hyper::Error),
 }
 
 /// Sends `req` on `link`, polling the connection until the response head
 /// arrives.
-async fn send(link: &mut Link, req: Request<OutBody>) -> Sent {
+async fn send(mut link: Link, req: Request<OutBody>) -> Sent {
     let mut response = pin!(link.0.send.try_send_request(req));
-    let mut conn_done = false;
+    let mut link = Some(link);
     let result = poll_fn(|cx| {
-        if !conn_done && link.poll_conn(cx).is_ready() {
-            conn_done = true;
+        if let Some(l) = link.as_mut()
+            && l.poll_conn(cx).is_ready()
+        {
+            // The connection has finished (it is never polled again).
+            // Dropping it settles the request: a response it read is
+            // already delivered; a request it never took is handed back.
+            link = None;
         }
-        match response.as_mut().poll(cx) {
-            Poll::Ready(r) => Poll::Ready(Some(r)),
-            Poll::Pending if conn_done => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
+        response.as_mut().poll(cx)
     })
     .await;
     match result {
-        Some(Ok(response)) => Sent::Response(response),
-        Some(Err(mut e)) => match e.take_message() {
+        Ok(response) => Sent::Response(response, link),
+        Err(mut e) => match e.take_message() {
             Some(req) => Sent::Unsent(req, e.into_error()),
-            None => Sent::Failed(ExchangeError::Http(e.into_error())),
+            None => Sent::Failed(e.into_error()),
         },
-        None => Sent::Failed(ExchangeError::Dropped),
     }
 }
 
@@ -178,10 +194,10 @@ async fn send(link: &mut Link, req: Request<OutBody>) -> Sent {
 /// and returns the response head with the connection that carries its body.
 pub async fn exchange(
     slot: &Slot,
-    authority: &Authority,
-    connect_timeout: Duration,
+    connector: &HttpConnector,
+    upstream: &Uri,
     mut req: Request<OutBody>,
-) -> Result<(Response<Incoming>, Link), ExchangeError> {
+) -> Result<(Response<Incoming>, Option<Link>), ExchangeError> {
     let mut kept = slot.take();
     if let Some(link) = kept.as_mut()
         && !ready(link).await
@@ -190,17 +206,16 @@ pub async fn exchange(
     }
     loop {
         let reused = kept.is_some();
-        let mut link = match kept.take() {
+        let link = match kept.take() {
             Some(link) => link,
-            None => connect(authority, connect_timeout).await?,
+            None => connect(connector, upstream).await?,
         };
-        match send(&mut link, req).await {
-            Sent::Response(response) => return Ok((response, link)),
+        match send(link, req).await {
+            Sent::Response(response, link) => return Ok((response, link)),
             // The kept connection was closed under us before the request
             // was written: once more, on a fresh connection.
             Sent::Unsent(back, _) if reused => req = back,
-            Sent::Unsent(_, e) => return Err(ExchangeError::Http(e)),
-            Sent::Failed(e) => return Err(e),
+            Sent::Unsent(_, e) | Sent::Failed(e) => return Err(ExchangeError::Http(e)),
         }
     }
 }

@@ -57,9 +57,14 @@ struct Inner {
     client: UpstreamClient,
     config: ConfigHandle,
     upstream: Upstream,
-    // Whether downstream HTTP/1 connections get an upstream connection of
+    // How downstream HTTP/1 connections open an upstream connection of
     // their own (plain `http://` upstreams; TLS ones use the pool).
-    direct: bool,
+    direct: Option<Direct>,
+}
+
+struct Direct {
+    connector: HttpConnector,
+    uri: Uri,
 }
 
 /// Where requests go.
@@ -94,15 +99,28 @@ impl Proxy {
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
         #[cfg(feature = "tls")]
-        let connector = crate::tls::connector(http, current.upstream_ca_file())?;
+        let connector = crate::tls::connector(http.clone(), current.upstream_ca_file())?;
         #[cfg(not(feature = "tls"))]
-        let connector = http;
+        let connector = http.clone();
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(limits.idle_timeout)
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(256)
             .build(connector);
-        let direct = upstream.scheme == Scheme::HTTP;
+        let direct = (upstream.scheme == Scheme::HTTP)
+            .then(|| {
+                let uri = Uri::builder()
+                    .scheme(Scheme::HTTP)
+                    .authority(upstream.authority.clone())
+                    .path_and_query("/")
+                    .build()
+                    .ok()?;
+                Some(Direct {
+                    connector: http,
+                    uri,
+                })
+            })
+            .flatten();
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -121,7 +139,7 @@ impl Proxy {
     pub fn for_connection(&self, peer: SocketAddr) -> Self {
         Self {
             inner: self.inner.clone(),
-            slot: self.inner.direct.then(Slot::default),
+            slot: self.inner.direct.as_ref().map(|_| Slot::default()),
             peer: Some(peer),
         }
     }
@@ -166,16 +184,15 @@ impl ProxyBody {
         }
     }
 
-    /// The upstream's body arriving on `link`, which goes back to `slot`
-    /// once the body has been read to its end.
-    fn direct(body: Incoming, timeout: Duration, link: Link, slot: Slot) -> Self {
-        let mut link = Some(link);
+    /// The upstream's body arriving on `link` (if it is still open), which
+    /// goes back to `slot` once the body has been read to its end.
+    fn direct(body: Incoming, timeout: Duration, mut link: Option<Link>, slot: Slot) -> Self {
         if body.is_end_stream() {
             // No body to wait for (HEAD, 204, 304, `content-length: 0`):
             // nobody will poll this body, so the connection goes back now.
             // The slot does not rely on wake-ups, so no waker is needed.
             let mut cx = Context::from_waker(std::task::Waker::noop());
-            give_back(&mut link, Some(&slot), &mut cx);
+            give_back(&mut link, Some(&slot), timeout, &mut cx);
         }
         ProxyBody::Upstream {
             body,
@@ -188,14 +205,12 @@ impl ProxyBody {
     }
 }
 
-/// Returns a connection whose response has been read to the slot it came
-/// from, if it can take another request; otherwise closes it.
+/// Hands a connection whose response has been read to its end back to the
+/// slot it came from (see [`Link::give_back`]).
 #[inline]
-fn give_back(link: &mut Option<Link>, slot: Option<&Slot>, cx: &mut Context<'_>) {
-    if let (Some(mut link), Some(slot)) = (link.take(), slot)
-        && link.reusable(cx)
-    {
-        slot.put(link);
+fn give_back(link: &mut Option<Link>, slot: Option<&Slot>, limit: Duration, cx: &mut Context<'_>) {
+    if let (Some(link), Some(slot)) = (link.take(), slot) {
+        link.give_back(slot, limit, cx);
     }
 }
 
@@ -226,13 +241,15 @@ impl Body for ProxyBody {
                 match body.as_mut().poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
                         *armed = false;
-                        if body.is_end_stream() {
-                            give_back(link, slot.as_ref(), cx);
+                        // Trailers are the last frame; hyper's server stops
+                        // polling after them.
+                        if body.is_end_stream() || frame.is_trailers() {
+                            give_back(link, slot.as_ref(), *timeout, cx);
                         }
                         Poll::Ready(Some(Ok(frame)))
                     }
                     Poll::Ready(None) => {
-                        give_back(link, slot.as_ref(), cx);
+                        give_back(link, slot.as_ref(), *timeout, cx);
                         Poll::Ready(None)
                     }
                     Poll::Ready(Some(Err(e))) => {
@@ -386,16 +403,18 @@ impl Inner {
         parts.version = Version::HTTP_11;
         let limit = body_limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
 
-        if let Some(slot) = slot {
-            // Written as is on our own connection: origin form.
+        if let (Some(slot), Some(direct)) = (slot, &self.direct) {
+            // Written as is on our own connection: origin form, and a `Host`
+            // even when the client sent none (HTTP/1.0), as HTTP/1.1 needs.
             parts.uri = Uri::from(path);
+            if !parts.headers.contains_key(header::HOST)
+                && let Some(authority) = direct.uri.authority()
+                && let Ok(host) = HeaderValue::from_str(authority.as_str())
+            {
+                parts.headers.insert(header::HOST, host);
+            }
             let outbound = Request::from_parts(parts, Limited::new(body, limit));
-            let exchange = direct::exchange(
-                &slot,
-                &self.upstream.authority,
-                limits.upstream_connect_timeout,
-                outbound,
-            );
+            let exchange = direct::exchange(&slot, &direct.connector, &direct.uri, outbound);
             let (response, link) =
                 match tokio::time::timeout(limits.upstream_response_timeout, exchange).await {
                     Err(_elapsed) => return fail(Failure::Timeout),
@@ -491,8 +510,7 @@ fn join_cookies(headers: &mut http::HeaderMap) {
 
 fn classify_exchange(e: &ExchangeError) -> Failure {
     match e {
-        ExchangeError::ConnectTimeout => Failure::Timeout,
-        ExchangeError::Connect(_) | ExchangeError::Dropped => Failure::Refused,
+        ExchangeError::Connect(e) => classify(e.as_ref()),
         ExchangeError::Http(e) => classify(e),
     }
 }
