@@ -139,7 +139,11 @@ async fn denials_reach_the_webhook_signed_and_the_file_as_json_lines() {
         .await
         .unwrap();
     let printed = String::from_utf8_lossy(&lookup.stdout);
-    assert!(lookup.status.success(), "{printed}");
+    assert!(
+        lookup.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&lookup.stderr)
+    );
     assert!(printed.contains(&format!("Denial {id}")), "{printed}");
     assert!(
         printed.contains("policy:    admin-console (Administrators only)"),
