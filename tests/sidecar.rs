@@ -816,3 +816,24 @@ async fn an_http10_request_without_host_reaches_the_upstream_with_one() {
         "no Host upstream: {seen}"
     );
 }
+
+#[tokio::test]
+async fn trailers_pass_through_http1_and_the_connection_stays_usable() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("", up).await;
+    let mut client = http1(p.addr).await;
+    let req = Request::get("/trailers")
+        .header("host", "x")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = tokio::time::timeout(GUARD, client.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let collected = res.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().unwrap()["x-checksum"], "abc123");
+    assert_eq!(collected.to_bytes(), "body before trailers");
+    // The same client connection carries the next request.
+    assert_eq!(body_of(&mut client).await, "hello from upstream");
+}
