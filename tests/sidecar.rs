@@ -564,55 +564,6 @@ async fn a_configmap_style_symlink_swap_is_picked_up() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// An upstream written byte by byte: it answers the bodiless requests on a
-/// connection with `connection <n>` (the how-manieth connection it accepted)
-/// and closes the connection after `per_connection` answers, as a keep-alive
-/// timeout would, without saying so in the response. `closed` is notified
-/// whenever a connection ends, closed by either side.
-async fn counting_upstream(
-    per_connection: usize,
-) -> (SocketAddr, Arc<AtomicUsize>, Arc<tokio::sync::Notify>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let closed = Arc::new(tokio::sync::Notify::new());
-    let (count, notify) = (accepted.clone(), closed.clone());
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-            let notify = notify.clone();
-            tokio::spawn(async move {
-                let mut pending = Vec::new();
-                let mut buf = [0u8; 4096];
-                for _ in 0..per_connection {
-                    while !pending.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => {
-                                notify.notify_one();
-                                return;
-                            }
-                            Ok(k) => pending.extend_from_slice(&buf[..k]),
-                        }
-                    }
-                    let end = pending.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-                    pending.drain(..end + 4);
-                    let body = format!("connection {n}");
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if s.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-                drop(s);
-                notify.notify_one();
-            });
-        }
-    });
-    (addr, accepted, closed)
-}
-
 /// One HTTP/1.1 client connection to `addr`.
 async fn http1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
     let stream = TcpStream::connect(addr).await.unwrap();
@@ -638,7 +589,7 @@ async fn body_of(sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes
 
 #[tokio::test]
 async fn each_client_connection_keeps_one_upstream_connection() {
-    let (up, accepted, _) = counting_upstream(usize::MAX).await;
+    let (up, accepted, _) = upstream::counting(usize::MAX).await;
     let p = proxy("", up).await;
     let mut first = http1(p.addr).await;
     for _ in 0..5 {
@@ -652,7 +603,7 @@ async fn each_client_connection_keeps_one_upstream_connection() {
 
 #[tokio::test]
 async fn an_idle_client_connection_is_closed_with_its_upstream_connection() {
-    let (up, accepted, closed) = counting_upstream(usize::MAX).await;
+    let (up, accepted, closed) = upstream::counting(usize::MAX).await;
     let p = proxy("limits: { header_read_timeout: 1s }\n", up).await;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -672,7 +623,7 @@ async fn an_idle_client_connection_is_closed_with_its_upstream_connection() {
 
 #[tokio::test]
 async fn an_upstream_connection_closed_while_idle_is_replaced() {
-    let (up, accepted, closed) = counting_upstream(1).await;
+    let (up, accepted, closed) = upstream::counting(1).await;
     let p = proxy("", up).await;
     let mut client = http1(p.addr).await;
     assert_eq!(body_of(&mut client).await, "connection 1");

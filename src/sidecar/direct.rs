@@ -55,6 +55,15 @@ struct LinkParts {
     conn: http1::Connection<TokioIo<TcpStream>, OutBody>,
 }
 
+/// Upstream connections held for client connections, open now.
+const OPEN_GAUGE: &str = "whydenied_upstream_connections";
+
+impl Drop for LinkParts {
+    fn drop(&mut self) {
+        metrics::gauge!(OPEN_GAUGE).decrement(1.0);
+    }
+}
+
 impl Link {
     /// Drives the connection (reads, writes, body frames). `Ready` means it
     /// is finished: closed by either side or failed.
@@ -139,6 +148,7 @@ pub async fn connect(connector: &HttpConnector, upstream: &Uri) -> Result<Link, 
     let (send, conn) = http1::handshake(io)
         .await
         .map_err(|e| ExchangeError::Connect(Box::new(e)))?;
+    metrics::gauge!(OPEN_GAUGE).increment(1.0);
     Ok(Link(Box::new(LinkParts { send, conn })))
 }
 

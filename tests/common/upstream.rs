@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -204,4 +205,51 @@ pub async fn start() -> (SocketAddr, Arc<UpstreamState>) {
         }
     });
     (addr, state)
+}
+
+/// An upstream written byte by byte: it answers the bodiless requests on a
+/// connection with `connection <n>` (the how-manieth connection it accepted)
+/// and closes the connection after `per_connection` answers, as a keep-alive
+/// timeout would, without saying so in the response. `closed` is notified
+/// whenever a connection ends, closed by either side.
+pub async fn counting(per_connection: usize) -> (SocketAddr, Arc<AtomicUsize>, Arc<Notify>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(Notify::new());
+    let (count, notify) = (accepted.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            let notify = notify.clone();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                for _ in 0..per_connection {
+                    while !pending.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => {
+                                notify.notify_one();
+                                return;
+                            }
+                            Ok(k) => pending.extend_from_slice(&buf[..k]),
+                        }
+                    }
+                    let end = pending.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                    pending.drain(..end + 4);
+                    let body = format!("connection {n}");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                drop(s);
+                notify.notify_one();
+            });
+        }
+    });
+    (addr, accepted, closed)
 }
