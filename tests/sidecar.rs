@@ -15,7 +15,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use whydenied::Config;
 use whydenied::sidecar::{self, Running};
 
 /// A test's own guard against hanging forever; never a synchronisation.
@@ -30,15 +29,7 @@ async fn proxy_with_path(
     upstream: SocketAddr,
     path: Option<std::path::PathBuf>,
 ) -> Running {
-    sidecar::start(sidecar::Options {
-        config: Config::from_yaml_str(yaml).unwrap(),
-        config_path: path,
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        upstream: Some(format!("http://{upstream}").parse().unwrap()),
-        admin: Some("127.0.0.1:0".parse().unwrap()),
-    })
-    .await
-    .unwrap()
+    common::start_sidecar(yaml, upstream, path).await
 }
 
 async fn send(
@@ -574,30 +565,17 @@ async fn http1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full
     sender
 }
 
-async fn body_of(sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>) -> String {
-    let req = Request::get("/")
-        .header("host", "x")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let res = tokio::time::timeout(GUARD, sender.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-    common::text(res).await
-}
-
 #[tokio::test]
 async fn each_client_connection_keeps_one_upstream_connection() {
     let (up, accepted, _) = upstream::counting(usize::MAX).await;
     let p = proxy("", up).await;
     let mut first = http1(p.addr).await;
     for _ in 0..5 {
-        assert_eq!(body_of(&mut first).await, "connection 1");
+        assert_eq!(common::text_of_root(&mut first).await, "connection 1");
     }
     let mut second = http1(p.addr).await;
-    assert_eq!(body_of(&mut second).await, "connection 2");
-    assert_eq!(body_of(&mut first).await, "connection 1");
+    assert_eq!(common::text_of_root(&mut second).await, "connection 2");
+    assert_eq!(common::text_of_root(&mut first).await, "connection 1");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
@@ -626,12 +604,12 @@ async fn an_upstream_connection_closed_while_idle_is_replaced() {
     let (up, accepted, closed) = upstream::counting(1).await;
     let p = proxy("", up).await;
     let mut client = http1(p.addr).await;
-    assert_eq!(body_of(&mut client).await, "connection 1");
+    assert_eq!(common::text_of_root(&mut client).await, "connection 1");
     tokio::time::timeout(GUARD, closed.notified())
         .await
         .unwrap();
     // The kept connection is gone: the next request goes over a new one.
-    assert_eq!(body_of(&mut client).await, "connection 2");
+    assert_eq!(common::text_of_root(&mut client).await, "connection 2");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
@@ -786,5 +764,8 @@ async fn trailers_pass_through_http1_and_the_connection_stays_usable() {
     assert_eq!(collected.trailers().unwrap()["x-checksum"], "abc123");
     assert_eq!(collected.to_bytes(), "body before trailers");
     // The same client connection carries the next request.
-    assert_eq!(body_of(&mut client).await, "hello from upstream");
+    assert_eq!(
+        common::text_of_root(&mut client).await,
+        "hello from upstream"
+    );
 }

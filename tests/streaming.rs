@@ -12,8 +12,6 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use whydenied::Config;
-use whydenied::sidecar;
 
 /// A test's own guard against hanging forever; never a synchronisation.
 const GUARD: Duration = Duration::from_secs(30);
@@ -30,15 +28,7 @@ fn vm_hwm_kib() -> u64 {
 #[tokio::test]
 async fn a_streamed_100_mib_post_passes_without_buffering() {
     let (up, _) = upstream::start().await;
-    let p = sidecar::start(sidecar::Options {
-        config: Config::from_yaml_str("").unwrap(),
-        config_path: None,
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        upstream: Some(format!("http://{up}").parse().unwrap()),
-        admin: Some("127.0.0.1:0".parse().unwrap()),
-    })
-    .await
-    .unwrap();
+    let p = common::start_sidecar("", up, None).await;
     let before = vm_hwm_kib();
     const CHUNK: usize = 64 * 1024;
     const CHUNKS: usize = 1600; // 100 MiB

@@ -7,14 +7,9 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::upstream;
-use http::Request;
-use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use whydenied::Config;
-use whydenied::sidecar;
 
 /// A test's own guard against hanging forever; never a synchronisation.
 const GUARD: Duration = Duration::from_secs(30);
@@ -32,15 +27,7 @@ async fn gauge(admin: std::net::SocketAddr) -> String {
 #[tokio::test]
 async fn the_upstream_connection_gauge_follows_client_connections() {
     let (up, accepted, closed) = upstream::counting(usize::MAX).await;
-    let p = sidecar::start(sidecar::Options {
-        config: Config::from_yaml_str("").unwrap(),
-        config_path: None,
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        upstream: Some(format!("http://{up}").parse().unwrap()),
-        admin: Some("127.0.0.1:0".parse().unwrap()),
-    })
-    .await
-    .unwrap();
+    let p = common::start_sidecar("", up, None).await;
 
     let stream = TcpStream::connect(p.addr).await.unwrap();
     let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -48,15 +35,7 @@ async fn the_upstream_connection_gauge_follows_client_connections() {
         .unwrap();
     let conn = tokio::spawn(conn);
     for _ in 0..3 {
-        let req = Request::get("/")
-            .header("host", "x")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let res = tokio::time::timeout(GUARD, client.send_request(req))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(common::text(res).await, "connection 1");
+        assert_eq!(common::text_of_root(&mut client).await, "connection 1");
     }
     assert_eq!(
         gauge(p.admin_addr).await,

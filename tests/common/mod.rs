@@ -62,6 +62,42 @@ pub async fn text(res: Response<Incoming>) -> String {
     String::from_utf8(bytes.to_vec()).unwrap()
 }
 
+/// `GET /` on an open HTTP/1.1 connection: the status must be 200; the body
+/// as text.
+pub async fn text_of_root(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+) -> String {
+    let req = Request::get("/")
+        .header("host", "x")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = tokio::time::timeout(std::time::Duration::from_secs(30), sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(res.status(), http::StatusCode::OK);
+    text(res).await
+}
+
+/// The sidecar with `yaml` in front of `upstream`, on ephemeral loopback
+/// ports.
+#[cfg(feature = "sidecar")]
+pub async fn start_sidecar(
+    yaml: &str,
+    upstream: SocketAddr,
+    config_path: Option<std::path::PathBuf>,
+) -> whydenied::sidecar::Running {
+    whydenied::sidecar::start(whydenied::sidecar::Options {
+        config: whydenied::Config::from_yaml_str(yaml).unwrap(),
+        config_path,
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        upstream: Some(format!("http://{upstream}").parse().unwrap()),
+        admin: Some("127.0.0.1:0".parse().unwrap()),
+    })
+    .await
+    .unwrap()
+}
+
 /// A body fed through a channel, so a test decides when each chunk exists.
 pub struct ChannelBody(pub mpsc::Receiver<Result<Bytes, std::io::Error>>);
 
