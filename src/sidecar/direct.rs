@@ -72,16 +72,19 @@ impl Link {
         Pin::new(&mut self.0.conn).poll(cx).map(|_| ())
     }
 
+    /// Drives an idle connection until it can take a request (`true`) or
+    /// turns out to be finished (`false`).
+    fn poll_idle(&mut self, cx: &mut std::task::Context<'_>) -> Poll<bool> {
+        if self.poll_conn(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        self.0.send.poll_ready(cx).map(|r| r.is_ok())
+    }
+
     /// Whether the connection can carry another request now that a response
     /// has been read to its end.
     pub fn reusable(&mut self, cx: &mut std::task::Context<'_>) -> bool {
-        if self.0.send.is_ready() {
-            return true;
-        }
-        if self.poll_conn(cx).is_ready() {
-            return false;
-        }
-        matches!(self.0.send.poll_ready(cx), Poll::Ready(Ok(())))
+        self.0.send.is_ready() || self.poll_idle(cx) == Poll::Ready(true)
     }
 
     /// Hands a connection whose response has been read to its end back to
@@ -126,28 +129,17 @@ impl Slot {
     }
 }
 
-/// How an exchange failed.
-#[derive(Debug)]
-pub enum ExchangeError {
-    /// No connection could be made (refused, unreachable, timed out: the
-    /// source says which).
-    Connect(Box<dyn std::error::Error + Send + Sync>),
-    /// The exchange failed after the request was handed to the connection.
-    Http(hyper::Error),
-}
+/// Why an exchange failed: no connection could be made, or the exchange
+/// broke off (its source chain says whether it was refused, timed out, or a
+/// request body over the limit).
+pub type ExchangeError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Opens a new upstream connection to `upstream` (an `http://` URL) with
 /// the proxy's connector (its connect timeout, TCP keepalive and `nodelay`,
 /// and every resolved address tried, IPv6 and IPv4 side by side).
 pub async fn connect(connector: &HttpConnector, upstream: &Uri) -> Result<Link, ExchangeError> {
-    let io = connector
-        .clone()
-        .call(upstream.clone())
-        .await
-        .map_err(|e| ExchangeError::Connect(Box::new(e)))?;
-    let (send, conn) = http1::handshake(io)
-        .await
-        .map_err(|e| ExchangeError::Connect(Box::new(e)))?;
+    let io = connector.clone().call(upstream.clone()).await?;
+    let (send, conn) = http1::handshake(io).await?;
     metrics::gauge!(OPEN_GAUGE).increment(1.0);
     Ok(Link(Box::new(LinkParts { send, conn })))
 }
@@ -155,13 +147,7 @@ pub async fn connect(connector: &HttpConnector, upstream: &Uri) -> Result<Link, 
 /// Whether an idle connection can take a request: drives it until it says
 /// so, or until it turns out to be closed.
 async fn ready(link: &mut Link) -> bool {
-    poll_fn(|cx| {
-        if link.poll_conn(cx).is_ready() {
-            return Poll::Ready(false);
-        }
-        link.0.send.poll_ready(cx).map(|r| r.is_ok())
-    })
-    .await
+    poll_fn(|cx| link.poll_idle(cx)).await
 }
 
 /// What sending on one connection gave.
@@ -225,7 +211,7 @@ pub async fn exchange(
             // The kept connection was closed under us before the request
             // was written: once more, on a fresh connection.
             Sent::Unsent(back, _) if reused => req = back,
-            Sent::Unsent(_, e) | Sent::Failed(e) => return Err(ExchangeError::Http(e)),
+            Sent::Unsent(_, e) | Sent::Failed(e) => return Err(e.into()),
         }
     }
 }

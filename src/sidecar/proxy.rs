@@ -27,7 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::direct::{self, ExchangeError, Link, Slot};
+use super::direct::{self, Link, Slot};
 use super::hop::{self, Hop};
 use crate::config::ConfigHandle;
 use crate::diagnose::proxy_failure;
@@ -65,6 +65,8 @@ struct Inner {
 struct Direct {
     connector: HttpConnector,
     uri: Uri,
+    // `Host` for requests that came without one (HTTP/1.0).
+    host: HeaderValue,
 }
 
 /// Where requests go.
@@ -107,20 +109,19 @@ impl Proxy {
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(256)
             .build(connector);
-        let direct = (upstream.scheme == Scheme::HTTP)
-            .then(|| {
-                let uri = Uri::builder()
-                    .scheme(Scheme::HTTP)
-                    .authority(upstream.authority.clone())
-                    .path_and_query("/")
-                    .build()
-                    .ok()?;
-                Some(Direct {
-                    connector: http,
-                    uri,
-                })
-            })
-            .flatten();
+        let direct = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(upstream.authority.clone())
+            .path_and_query("/")
+            .build()
+            .ok()
+            .zip(HeaderValue::from_str(upstream.authority.as_str()).ok())
+            .filter(|_| upstream.scheme == Scheme::HTTP)
+            .map(|(uri, host)| Direct {
+                connector: http,
+                uri,
+                host,
+            });
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -407,18 +408,15 @@ impl Inner {
             // Written as is on our own connection: origin form, and a `Host`
             // even when the client sent none (HTTP/1.0), as HTTP/1.1 needs.
             parts.uri = Uri::from(path);
-            if !parts.headers.contains_key(header::HOST)
-                && let Some(authority) = direct.uri.authority()
-                && let Ok(host) = HeaderValue::from_str(authority.as_str())
-            {
-                parts.headers.insert(header::HOST, host);
+            if !parts.headers.contains_key(header::HOST) {
+                parts.headers.insert(header::HOST, direct.host.clone());
             }
             let outbound = Request::from_parts(parts, Limited::new(body, limit));
             let exchange = direct::exchange(&slot, &direct.connector, &direct.uri, outbound);
             let (response, link) =
                 match tokio::time::timeout(limits.upstream_response_timeout, exchange).await {
                     Err(_elapsed) => return fail(Failure::Timeout),
-                    Ok(Err(e)) => return fail(classify_exchange(&e)),
+                    Ok(Err(e)) => return fail(classify(e.as_ref())),
                     Ok(Ok(pair)) => pair,
                 };
             let (mut parts, body) = response.into_parts();
@@ -505,13 +503,6 @@ fn join_cookies(headers: &mut http::HeaderMap) {
         .collect();
     if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
         headers.insert(header::COOKIE, v);
-    }
-}
-
-fn classify_exchange(e: &ExchangeError) -> Failure {
-    match e {
-        ExchangeError::Connect(e) => classify(e.as_ref()),
-        ExchangeError::Http(e) => classify(e),
     }
 }
 
