@@ -170,18 +170,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// The runtime of `serve`: one thread, or a pool of `workers` threads.
+/// The runtime of `serve`: one thread, a pool of `workers` threads, or by
+/// default one per CPU.
 fn serve_runtime(
     workers: Option<std::num::NonZeroUsize>,
 ) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = match workers.map(std::num::NonZeroUsize::get) {
-        None => return runtime(),
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n).event_interval(EVENT_INTERVAL);
-            b
+    let mut builder = if workers.is_some_and(|n| n.get() == 1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.event_interval(EVENT_INTERVAL);
+        if let Some(n) = workers {
+            b.worker_threads(n.get());
         }
+        b
     };
     builder
         .enable_all()
@@ -201,11 +203,7 @@ fn serve_runtime(
 const EVENT_INTERVAL: u32 = 200;
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .event_interval(EVENT_INTERVAL)
-        .build()
-        .context("cannot start the async runtime")
+    serve_runtime(None)
 }
 
 fn check(path: &PathBuf) -> anyhow::Result<ExitCode> {
