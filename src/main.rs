@@ -148,7 +148,7 @@ fn main() -> ExitCode {
             log_format,
             workers,
         } => {
-            telemetry::init_logging(log_format.into());
+            let _logs = telemetry::init_logging(log_format.into());
             serve_runtime(workers)
                 .and_then(|rt| rt.block_on(serve(config, listen, upstream, admin)))
         }
@@ -157,7 +157,7 @@ fn main() -> ExitCode {
             admin,
             log_format,
         } => {
-            telemetry::init_logging(log_format.into());
+            let _logs = telemetry::init_logging(log_format.into());
             runtime().and_then(|rt| rt.block_on(demo(listen, admin)))
         }
     };

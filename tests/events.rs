@@ -560,7 +560,17 @@ async fn secrets_never_reach_a_sink_a_log_or_a_page() {
     child.wait().await.unwrap();
     let file_text = std::fs::read_to_string(&file).unwrap();
     let stdout_text = String::from_utf8_lossy(&out).into_owned();
-    assert!(logs.contains("whydenied::events"), "events are traced too");
+    // Every log line is one JSON object; an event's fields are the line's own.
+    let logged: Vec<Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON line ({e}): {l}")))
+        .collect();
+    assert!(
+        logged.iter().any(|v| v["target"] == "whydenied::events"
+            && v["event"] == "denial"
+            && v["denial_id"] == id.as_str()),
+        "events are traced too:\n{logs}"
+    );
     for (what, text) in [
         ("pages", &pages),
         ("webhook", &delivered),

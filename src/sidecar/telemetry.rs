@@ -1,9 +1,29 @@
 //! Logs and metrics for the binary: a `tracing` subscriber (JSON or pretty,
 //! `RUST_LOG` honoured) and the Prometheus recorder behind `/metrics`.
+//!
+//! Log lines never make a request wait: they are formatted on the thread
+//! that logs them and handed to a writer thread through a queue bounded in
+//! bytes ([`LOG_QUEUE_BYTES`]). When stderr is slower than the lines come
+//! (a log pipe that is full, a collector that stalls), the lines that do not
+//! fit are dropped and counted (`whydenied_log_lines_dropped_total`), the way
+//! the event sinks drop what their queues cannot hold.
+//!
+//! In JSON, an event of `whydenied::events` (already one JSON object) is
+//! written as the log line's own fields, not escaped into a string.
 
-use std::sync::OnceLock;
+use std::fmt;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::{Format, Json, JsonFields, Writer};
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,17 +34,234 @@ pub enum LogFormat {
     Pretty,
 }
 
-/// Installs the global `tracing` subscriber (once; later calls do nothing).
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.try_init(),
+/// Bytes of log lines that may wait for the writer thread.
+pub const LOG_QUEUE_BYTES: usize = 1 << 20;
+
+/// What a queued line costs against the budget beyond its bytes.
+const LINE_OVERHEAD: usize = 64;
+
+/// How long [`LogGuard`] waits for the queue to be written out.
+const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// Installs the global `tracing` subscriber, writing to stderr through the
+/// log queue. Keep the guard until the end of `main`: dropping it writes out
+/// what is queued. Later calls install nothing and return a guard that
+/// flushes the first subscriber's queue.
+pub fn init_logging(format: LogFormat) -> LogGuard {
+    static QUEUE: OnceLock<LogQueue> = OnceLock::new();
+    let mut first = false;
+    let queue = QUEUE
+        .get_or_init(|| {
+            first = true;
+            LogQueue::spawn(io::stderr(), LOG_QUEUE_BYTES)
+        })
+        .clone();
+    if first {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(queue.clone());
+        let _ = match format {
+            LogFormat::Json => builder.json().event_format(JsonLines::default()).try_init(),
+            LogFormat::Pretty => builder.try_init(),
+        };
+    }
+    LogGuard(queue)
+}
+
+/// Writes out the queued log lines when dropped (waiting at most two
+/// seconds for a stuck stderr).
+#[must_use = "dropping the guard at once only flushes what is queued now"]
+pub struct LogGuard(LogQueue);
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.0.flush(FLUSH_WAIT);
+    }
+}
+
+enum Msg {
+    Line(Vec<u8>),
+    Flush(Sender<()>),
+}
+
+/// A queue of formatted log lines, bounded in bytes, written by a thread of
+/// its own. Cloning shares the queue.
+#[derive(Clone)]
+pub struct LogQueue {
+    tx: Sender<Msg>,
+    queued: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl LogQueue {
+    /// Starts the writer thread over `out`, with room for `limit` bytes of
+    /// waiting lines.
+    pub fn spawn<W: Write + Send + 'static>(out: W, limit: usize) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let budget = queued.clone();
+        let spawned = std::thread::Builder::new()
+            .name("whydenied-log".into())
+            .spawn(move || write_lines(out, &rx, &budget));
+        if let Err(e) = spawned {
+            // Without the thread every line is dropped (and counted); say so
+            // once, the only way left.
+            eprintln!("whydenied: cannot start the log writer thread: {e}");
+        }
+        Self { tx, queued, limit }
+    }
+
+    /// Queues one line (`true`), or drops and counts it if the queue is
+    /// full.
+    fn push(&self, line: &[u8]) -> bool {
+        let cost = line.len() + LINE_OVERHEAD;
+        let before = self.queued.fetch_add(cost, Ordering::AcqRel);
+        if before + cost > self.limit || self.tx.send(Msg::Line(line.to_vec())).is_err() {
+            self.queued.fetch_sub(cost, Ordering::AcqRel);
+            metrics::counter!("whydenied_log_lines_dropped_total").increment(1);
+            return false;
+        }
+        true
+    }
+
+    /// Waits until every line queued before this call is written, or
+    /// `wait` has passed.
+    pub fn flush(&self, wait: Duration) {
+        let (done, written) = mpsc::channel();
+        if self.tx.send(Msg::Flush(done)).is_ok() {
+            let _ = written.recv_timeout(wait);
+        }
+    }
+}
+
+/// The writer thread: writes lines as they come, in batches when several
+/// wait, and flushes whenever the queue runs empty. A line's bytes count
+/// against the queue's budget until they have been written out.
+fn write_lines<W: Write>(out: W, rx: &Receiver<Msg>, queued: &AtomicUsize) {
+    let mut out = io::BufWriter::with_capacity(64 * 1024, out);
+    let mut unwritten = 0;
+    let flush = |out: &mut io::BufWriter<W>, unwritten: &mut usize| {
+        // A failing stderr cannot be reported anywhere: the lines are lost,
+        // the thread goes on.
+        let _ = out.flush();
+        queued.fetch_sub(std::mem::take(unwritten), Ordering::AcqRel);
     };
+    while let Ok(mut msg) = rx.recv() {
+        loop {
+            match msg {
+                Msg::Line(line) => {
+                    let _ = out.write_all(&line);
+                    unwritten += line.len() + LINE_OVERHEAD;
+                }
+                Msg::Flush(done) => {
+                    flush(&mut out, &mut unwritten);
+                    let _ = done.send(());
+                }
+            }
+            match rx.try_recv() {
+                Ok(next) => msg = next,
+                Err(_) => break,
+            }
+        }
+        flush(&mut out, &mut unwritten);
+    }
+}
+
+/// One log line on its way into the queue.
+pub struct QueuedLine<'a>(&'a LogQueue);
+
+impl Write for QueuedLine<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // tracing-subscriber formats a whole line, then writes it at once.
+        self.0.push(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for LogQueue {
+    type Writer = QueuedLine<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        QueuedLine(self)
+    }
+}
+
+/// tracing-subscriber's JSON lines (flattened fields), except for events of
+/// `whydenied::events`: their message is the event's own JSON object, which
+/// becomes the line's fields after `timestamp`, `level` and `target`.
+pub struct JsonLines {
+    other: Format<Json, SystemTime>,
+}
+
+impl Default for JsonLines {
+    fn default() -> Self {
+        Self {
+            other: Format::default().json().flatten_event(true),
+        }
+    }
+}
+
+/// The target of event lines.
+const EVENTS_TARGET: &str = "whydenied::events";
+
+impl<S> FormatEvent<S, JsonFields> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, JsonFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        if meta.target() == EVENTS_TARGET {
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            let object = message.0;
+            // The event's own serialization: one object, no raw newlines.
+            if object.starts_with('{') && object.ends_with('}') && !object.contains('\n') {
+                writer.write_str("{\"timestamp\":\"")?;
+                SystemTime.format_time(&mut writer)?;
+                write!(
+                    writer,
+                    "\",\"level\":\"{}\",\"target\":\"{EVENTS_TARGET}\"",
+                    meta.level()
+                )?;
+                if object.len() > 2 {
+                    writer.write_char(',')?;
+                }
+                writer.write_str(&object[1..])?;
+                return writer.write_char('\n');
+            }
+        }
+        self.other.format_event(ctx, writer, event)
+    }
+}
+
+/// Takes an event's `message` field.
+struct Message(String);
+
+impl tracing::field::Visit for Message {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            value.clone_into(&mut self.0);
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            use fmt::Write as _;
+            self.0.clear();
+            let _ = write!(self.0, "{value:?}");
+        }
+    }
 }
 
 /// The process's Prometheus recorder, installed on first use.
@@ -49,4 +286,96 @@ pub fn metrics() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Output shared with the test; `gate`, if set, holds the first write
+    /// until the test sends on it.
+    #[derive(Clone, Default)]
+    struct Shared {
+        out: Arc<Mutex<Vec<u8>>>,
+        gate: Option<Arc<Mutex<Receiver<()>>>>,
+    }
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if let Some(gate) = self.gate.take() {
+                let _ = gate.lock().unwrap().recv();
+            }
+            self.out.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn text(shared: &Shared) -> String {
+        String::from_utf8(shared.out.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn a_stuck_stderr_costs_dropped_lines_not_a_blocked_caller() {
+        let (open, gate) = mpsc::channel();
+        let shared = Shared {
+            gate: Some(Arc::new(Mutex::new(gate))),
+            ..Shared::default()
+        };
+        // Room for two 10-byte lines: the writer holds the first one until
+        // the gate opens, and its bytes count until it is written.
+        let queue = LogQueue::spawn(shared.clone(), 2 * (10 + LINE_OVERHEAD));
+        assert!(queue.push(b"line one\n\n"));
+        assert!(queue.push(b"line two\n\n"));
+        assert!(!queue.push(b"line 3...\n"), "a full queue drops");
+        open.send(()).unwrap();
+        queue.flush(Duration::from_secs(30));
+        assert_eq!(text(&shared), "line one\n\nline two\n\n");
+        // Written lines give their room back.
+        assert!(queue.push(b"line four\n"));
+        queue.flush(Duration::from_secs(30));
+        assert!(text(&shared).ends_with("line four\n"));
+    }
+
+    fn logged(f: impl FnOnce()) -> Vec<serde_json::Value> {
+        let shared = Shared::default();
+        let queue = LogQueue::spawn(shared.clone(), LOG_QUEUE_BYTES);
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .event_format(JsonLines::default())
+            .with_writer(queue.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        queue.flush(Duration::from_secs(30));
+        text(&shared)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    #[test]
+    fn an_event_is_the_log_lines_own_fields_and_other_lines_stay_as_they_were() {
+        let line = r#"{"schema":1,"event":"denial","denial_id":"abc","url":"/a\"b\\c"}"#;
+        let lines = logged(|| {
+            tracing::info!(target: "whydenied::events", event = "denial", "{line}");
+            tracing::info!(target: "whydenied", port = 8080, "listening");
+            tracing::info!(target: "whydenied::events", event = "odd", "not an object");
+        });
+        assert_eq!(lines.len(), 3);
+        let e = &lines[0];
+        assert_eq!(e["target"], "whydenied::events");
+        assert_eq!(e["level"], "INFO");
+        assert!(e["timestamp"].as_str().is_some_and(|t| t.len() >= 20));
+        assert_eq!(e["event"], "denial");
+        assert_eq!(e["denial_id"], "abc");
+        assert_eq!(e["url"], "/a\"b\\c");
+        assert!(e.get("message").is_none(), "not escaped into a string");
+        assert_eq!(lines[1]["message"], "listening");
+        assert_eq!(lines[1]["port"], 8080);
+        assert_eq!(lines[2]["message"], "not an object");
+        assert_eq!(lines[2]["target"], "whydenied::events");
+    }
 }
