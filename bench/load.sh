@@ -6,6 +6,9 @@
 #   direct              load generator -> upstream /ok
 #   nginx               load generator -> nginx proxy_pass -> upstream /ok
 #   nginx /denied       the same, /denied (the 403 passes through untouched)
+#   hyper alone         load generator -> examples/bare_proxy -> upstream /ok
+#                       (hyper's HTTP/1 server and client and nothing else:
+#                       the share of the gap to nginx that is the library)
 #   whydenied pass      load generator -> whydenied serve -> upstream /ok
 #   whydenied denial    the same, /denied (whydenied explains the 403)
 #
@@ -34,17 +37,22 @@
 #   REPEAT=1            saturation runs per case; the median (by req/s) is
 #                       reported, with the range
 #   PIN=0               1: load generators on CPU 0, the servers (upstream,
-#                       nginx, whydenied) on the other CPUs (taskset); steadier
-#                       numbers, and each proxy gets the same CPU budget
-#   SKIP_WHYDENIED=1    measure direct and nginx only
-#   NO_BUILD=1          never run cargo build (whydenied rows are skipped
-#                       when the binary is missing)
-#   BUILD=1             run `cargo build --release` even if the binary exists
+#                       nginx, bare_proxy, whydenied) on the other CPUs
+#                       (taskset); steadier numbers, and each proxy gets the
+#                       same CPU budget
+#   SKIP_WHYDENIED=1    leave out the whydenied rows
+#   SKIP_BARE=1         leave out the "hyper alone" row (with SKIP_WHYDENIED=1:
+#                       direct and nginx only)
+#   NO_BUILD=1          never run cargo build (the whydenied rows, or the
+#                       "hyper alone" row, are skipped when the binary is
+#                       missing)
+#   BUILD=1             run `cargo build --release` even if the binaries exist
 #   NO_INSTALL=1        never apt-get/cargo install missing tools
 #   WHYDENIED_BIN=      binary to run (default target/release/whydenied)
 #   WHYDENIED_RUST_LOG= RUST_LOG for whydenied (default: unset = its default)
 #   WHYDENIED_WORKERS=  whydenied's runtime threads (1 = one thread, like
-#                       nginx's one worker; default: one per core)
+#                       nginx's one worker; default: one per core); the
+#                       "hyper alone" proxy reads it too
 #   RESULTS=bench/results.md   where the Markdown goes ('' = stdout only)
 #   KEEP_TMP=1          keep the temp dir (configs, logs, raw outputs; it is
 #                       also kept when the run fails)
@@ -74,10 +82,12 @@ UPSTREAM_WORKERS=${UPSTREAM_WORKERS:-1}
 REPEAT=${REPEAT:-1}
 PIN=${PIN:-0}
 SKIP_WHYDENIED=${SKIP_WHYDENIED:-0}
+SKIP_BARE=${SKIP_BARE:-0}
 NO_BUILD=${NO_BUILD:-0}
 BUILD=${BUILD:-0}
 NO_INSTALL=${NO_INSTALL:-0}
 WHYDENIED_BIN=${WHYDENIED_BIN:-${CARGO_TARGET_DIR:-target}/release/whydenied}
+BARE_BIN=${CARGO_TARGET_DIR:-target}/release/examples/bare_proxy
 RESULTS=${RESULTS-bench/results.md}
 KEEP_TMP=${KEEP_TMP:-0}
 WRK_TIMEOUT=${WRK_TIMEOUT:-5s}
@@ -484,28 +494,39 @@ command -v wrk >/dev/null || die "wrk not found"
 OHA=
 if [[ $LIGHT != wrk ]]; then install_oha || OHA=; fi
 
-WD=0
-WD_NOTE=
-if [[ $SKIP_WHYDENIED == 1 ]]; then
-  WD_NOTE="whydenied rows skipped (SKIP_WHYDENIED=1)."
-elif [[ -x $WHYDENIED_BIN && $BUILD != 1 ]]; then
-  WD=1
-elif [[ $NO_BUILD == 1 ]]; then
-  WD_NOTE="whydenied rows skipped: $WHYDENIED_BIN is missing and NO_BUILD=1."
-else
-  command -v cargo >/dev/null || die "$WHYDENIED_BIN is missing and there is no cargo to build it"
-  log "building: cargo build --release --locked --bin whydenied"
-  cargo build --release --locked --bin whydenied >&2
-  [[ -x $WHYDENIED_BIN ]] || die "cargo build finished but $WHYDENIED_BIN is missing"
-  WD=1
-fi
-[[ -n $WD_NOTE ]] && log "$WD_NOTE"
+# Whether a binary's rows run (PREP_OK=1), or why not (PREP_NOTE). Builds it
+# when it is missing, or always with BUILD=1, unless NO_BUILD=1.
+prepare_bin() { # SKIP_KNOB BIN WHAT CARGO_TARGET_ARGS...
+  local knob=$1 bin=$2 what=$3
+  shift 3
+  PREP_OK=0 PREP_NOTE=
+  if [[ ${!knob} == 1 ]]; then
+    PREP_NOTE="$what skipped ($knob=1)."
+  elif [[ -x $bin && $BUILD != 1 ]]; then
+    PREP_OK=1
+  elif [[ $NO_BUILD == 1 ]]; then
+    PREP_NOTE="$what skipped: $bin is missing and NO_BUILD=1."
+  else
+    command -v cargo >/dev/null || die "$bin is missing and there is no cargo to build it"
+    log "building: cargo build --release --locked $*"
+    cargo build --release --locked "$@" >&2
+    [[ -x $bin ]] || die "cargo build finished but $bin is missing"
+    PREP_OK=1
+  fi
+  if [[ -n $PREP_NOTE ]]; then log "$PREP_NOTE"; fi
+}
+prepare_bin SKIP_WHYDENIED "$WHYDENIED_BIN" "whydenied rows" --bin whydenied
+WD=$PREP_OK WD_NOTE=$PREP_NOTE
+# The example links the library and the dev-dependencies: on a fresh tree
+# its first release build also compiles those (criterion, rcgen, axum, ...).
+prepare_bin SKIP_BARE "$BARE_BIN" '"hyper alone" row' --example bare_proxy
+BARE=$PREP_OK BARE_NOTE=$PREP_NOTE
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-read -r UP_PORT PROXY_PORT WD_PORT ADMIN_PORT <<<"$(pick_ports 4)"
-[[ -n $ADMIN_PORT ]] || die "could not pick free ports"
-log "ports: upstream $UP_PORT, nginx proxy $PROXY_PORT, whydenied $WD_PORT (admin $ADMIN_PORT); temp $TMP"
+read -r UP_PORT PROXY_PORT WD_PORT ADMIN_PORT BARE_PORT <<<"$(pick_ports 5)"
+[[ -n $BARE_PORT ]] || die "could not pick free ports"
+log "ports: upstream $UP_PORT, nginx proxy $PROXY_PORT, whydenied $WD_PORT (admin $ADMIN_PORT), hyper alone $BARE_PORT; temp $TMP"
 
 start_nginx upstream "$BENCH/nginx-upstream.conf.tmpl" "$UP_PORT"
 UP_PID=$NGINX_PID
@@ -535,6 +556,15 @@ if ((WD)); then
   if [[ "$(cat "$TMP/wd-denied.body")" == "Forbidden" ]]; then
     die "whydenied passed the upstream's 403 body through unexplained; check $WD_CONF"
   fi
+fi
+
+if ((BARE)); then
+  # WHYDENIED_WORKERS, if set, reaches it from the environment as it reaches
+  # whydenied.
+  "${SRV_PIN[@]}" "$BARE_BIN" "127.0.0.1:$BARE_PORT" "127.0.0.1:$UP_PORT" >"$TMP/bare_proxy.log" 2>&1 &
+  BARE_PID=$!
+  PIDS+=("$BARE_PID")
+  wait_http "http://127.0.0.1:$BARE_PORT/ok" 200 "$BARE_PID" "$TMP/bare_proxy.log"
 fi
 
 # RSS with RSS_CONNS connections open at once on a fresh proxy: every
@@ -567,12 +597,17 @@ PY
 }
 log "RSS with $RSS_CONNS open connections (fresh processes)"
 RES[nginx.open]=$(open_conns_rss "$PROXY_PORT" "${PROXY_WORKERS[@]}")
+((BARE)) && RES[bare.open]=$(open_conns_rss "$BARE_PORT" "$BARE_PID")
 ((WD)) && RES[wdpass.open]=$(open_conns_rss "$WD_PORT" "$WD_PID")
 
 BASE="http://127.0.0.1"
 run_case direct "direct (upstream)" "$BASE:$UP_PORT/ok" 2xx 0 "${UP_WORKERS[@]}"
 run_case nginx "nginx proxy" "$BASE:$PROXY_PORT/ok" 2xx 1 "${PROXY_WORKERS[@]}"
 run_case nginx403 "nginx proxy, 403" "$BASE:$PROXY_PORT/denied" 403 1 "${PROXY_WORKERS[@]}"
+if ((BARE)); then
+  run_case bare "hyper alone (examples/bare_proxy)" "$BASE:$BARE_PORT/ok" 2xx 1 "$BARE_PID"
+  alive "$BARE_PID" || die "bare_proxy died during the run; see $TMP/bare_proxy.log"
+fi
 if ((WD)); then
   WD_LOG_BEFORE=$(stat -c %s "$TMP/whydenied.log")
   run_case wdpass "whydenied pass-through" "$BASE:$WD_PORT/ok" 2xx 1 "$WD_PID"
@@ -584,8 +619,8 @@ for p in "$UP_PID" "$PROXY_PID"; do alive "$p" || die "an nginx died during the 
 
 # --------------------------------------------------------------- report ----
 
-baseline_of() { # whydenied rows compare with the nginx row of the same response
-  case $1 in wdpass) echo nginx ;; wddeny) echo nginx403 ;; *) echo "" ;; esac
+baseline_of() { # proxy rows compare with the nginx row of the same response
+  case $1 in bare | wdpass) echo nginx ;; wddeny) echo nginx403 ;; *) echo "" ;; esac
 }
 
 report() {
@@ -600,9 +635,13 @@ report() {
   if ((WD)); then
     echo "- proxy: $("$WHYDENIED_BIN" --version 2>/dev/null | head -n1) ($WHYDENIED_BIN, built $(date -u -r "$WHYDENIED_BIN" '+%Y-%m-%d %H:%M UTC')), config bench/whydenied-bench.yaml"
   fi
-  echo "- upstream: nginx, $UPSTREAM_WORKERS worker(s), \`/ok\` → 200 \"hello from upstream\", \`/denied\` → 403 \"Forbidden\"; reference proxy: nginx, 1 worker, upstream keepalive 64"
+  if ((BARE)); then
+    echo "- hyper alone: $BARE_BIN (examples/bare_proxy.rs, built $(date -u -r "$BARE_BIN" '+%Y-%m-%d %H:%M UTC'))"
+  fi
+  echo "- upstream: nginx, $UPSTREAM_WORKERS worker(s), \`/ok\` → 200 \"hello from upstream\", \`/denied\` → 403 \"Forbidden\"; reference proxy: nginx, 1 worker, upstream keepalive 64, sending the forwarding headers whydenied sends (bench/nginx-proxy.conf.tmpl)"
   [[ -n $PIN_NOTE ]] && echo "- CPU pinning: $PIN_NOTE"
   [[ -n $WD_NOTE ]] && echo "- **$WD_NOTE**"
+  [[ -n $BARE_NOTE ]] && echo "- **$BARE_NOTE**"
   echo
   echo "## Saturation: \`wrk -t$THREADS -c$CONNS -d$DURATION\`$( ((REPEAT > 1)) && echo ", median of $REPEAT runs (req/s range in brackets)")"
   echo
@@ -651,13 +690,16 @@ report() {
   echo
   echo "- All on one $(nproc)-core machine: wrk ($THREADS threads), the proxy and the upstream share the CPU, so saturation numbers are CPU-bound and relative; compare rows, not absolute values with other machines. \"proxy CPU\" is CPU time used by the proxy process(es) per second of the saturation run (for \"direct\": the upstream's worker)."
   if [[ -n ${WHYDENIED_WORKERS:-} ]]; then
-    echo "- nginx runs one worker; whydenied runs with WHYDENIED_WORKERS=$WHYDENIED_WORKERS ($( [[ $WHYDENIED_WORKERS == 1 ]] && echo "one thread, like nginx's one worker" || echo "that many runtime threads"))."
+    echo "- nginx runs one worker; whydenied and hyper alone run with WHYDENIED_WORKERS=$WHYDENIED_WORKERS ($( [[ $WHYDENIED_WORKERS == 1 ]] && echo "one thread, like nginx's one worker" || echo "that many runtime threads"))."
   else
-    echo "- nginx runs one worker; whydenied runs a multi-threaded tokio runtime (one thread per core), so it may use more than one core$([[ -n $PIN_NOTE ]] && echo " (here: the cores left to the servers)"); \`WHYDENIED_WORKERS=1\` gives it one thread like nginx's one worker."
+    echo "- nginx runs one worker; whydenied and hyper alone run a multi-threaded tokio runtime (one thread per core), so they may use more than one core$([[ -n $PIN_NOTE ]] && echo " (here: the cores left to the servers)"); \`WHYDENIED_WORKERS=1\` gives them one thread like nginx's one worker."
+  fi
+  if ((BARE)); then
+    echo "- \"hyper alone\" is examples/bare_proxy.rs: hyper's HTTP/1 server and, per client connection, one hyper HTTP/1 client connection to the upstream, and nothing else (no header hygiene, no forwarding headers, no timeouts, no explanation layer); the upstream connection runs in a task of its own, where whydenied drives it from the client connection's task. Its gap to nginx is about what the HTTP library and the runtime cost; whydenied's gap to it is about whydenied's own work. It sends the upstream the client's headers only, where nginx and whydenied add the four forwarding headers."
   fi
   echo "- \"upstream conns opened\": connections the upstream accepted during the run (its stub_status). For \"direct\" these are wrk's own (plus its one probe connection). nginx's \`keepalive 64\` keeps at most 64 idle upstream connections per worker, so with more requests in flight than that it keeps opening (and closing) upstream connections."
   echo "- Errors: socket errors plus, for \`/ok\`, responses that are not 2xx/3xx and, for \`/denied\`, responses that are not 403. The whydenied denial row is compared with nginx passing the same 403 through."
-  echo "- Peak RSS: VmHWM of the nginx proxy worker / the whydenied process$( ((CLEAR_REFS_OK)) && echo ", reset before each $RSS_CONNS-connection run (/proc/PID/clear_refs), so it is that case's own peak" || echo "; it could not be reset between cases, so later rows include earlier peaks")."
+  echo "- Peak RSS: VmHWM of the nginx proxy worker / the bare_proxy process / the whydenied process$( ((CLEAR_REFS_OK)) && echo ", reset before each $RSS_CONNS-connection run (/proc/PID/clear_refs), so it is that case's own peak" || echo "; it could not be reset between cases, so later rows include earlier peaks")."
   if [[ -n $OHA ]]; then
     echo "- Light load is open-loop at a fixed rate with latency correction (coordinated omission accounted for); req/s is the achieved rate."
   else
@@ -668,6 +710,10 @@ report() {
     n=$(grep -c . "$TMP/$f-error.log" 2>/dev/null || true)
     if [[ ${n:-0} != 0 ]]; then echo "- the nginx $f wrote ${n} line(s) to its error log (warn and above)."; fi
   done
+  if ((BARE)); then
+    n=$(grep -c . "$TMP/bare_proxy.log" 2>/dev/null || true)
+    if [[ ${n:-0} != 0 ]]; then echo "- bare_proxy printed ${n} line(s) to stderr (one per dropped connection), the first: \`$(head -n1 "$TMP/bare_proxy.log")\`."; fi
+  fi
   if ((WD)); then
     n=$(grep -cE '"level": ?"(WARN|ERROR)"' "$TMP/whydenied.log" 2>/dev/null || true)
     if [[ ${n:-0} != 0 ]]; then echo "- whydenied logged ${n} warning/error line(s)."; fi
