@@ -136,6 +136,12 @@ impl LogQueue {
     }
 }
 
+/// After writing a batch, the writer thread pauses this long before it
+/// waits again: lines logged meanwhile queue up without waking it, so under
+/// a stream of lines (a wave of denials) it wakes once per batch instead of
+/// once per line, and the threads that log never pay for a wake-up.
+const BATCH_PAUSE: Duration = Duration::from_millis(2);
+
 /// The writer thread: writes lines as they come, in batches when several
 /// wait, and flushes whenever the queue runs empty. A line's bytes count
 /// against the queue's budget until they have been written out.
@@ -166,6 +172,7 @@ fn write_lines<W: Write>(out: W, rx: &Receiver<Msg>, queued: &AtomicUsize) {
             }
         }
         flush(&mut out, &mut unwritten);
+        std::thread::sleep(BATCH_PAUSE);
     }
 }
 
