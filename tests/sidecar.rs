@@ -224,6 +224,45 @@ async fn a_denial_body_that_stalls_is_explained_after_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn a_passed_through_body_that_stalls_is_cut_at_the_idle_timeout() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("limits: { idle_timeout: 300ms }\n", up).await;
+    let res = send(p.addr, get(p.addr, "/stalled")).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = tokio::time::timeout(GUARD, res.into_body().collect())
+        .await
+        .expect("the stalled body was never cut");
+    assert!(body.is_err(), "a cut body must not look complete");
+}
+
+#[tokio::test]
+async fn the_response_deadline_holds_on_a_kept_upstream_connection_and_after_a_504() {
+    let (up, _) = upstream::start().await;
+    let p = proxy("limits: { upstream_response_timeout: 300ms }\n", up).await;
+    let mut conn = http1(p.addr).await;
+    let mut get = |path: &str| {
+        let req = Request::get(path)
+            .header("host", "x")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let res = conn.send_request(req);
+        async move {
+            tokio::time::timeout(GUARD, res)
+                .await
+                .unwrap()
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(get("/").await, StatusCode::OK);
+    // The upstream connection kept from the first request times out ...
+    assert_eq!(get("/hang").await, StatusCode::GATEWAY_TIMEOUT);
+    // ... and the client connection goes on over a new one.
+    assert_eq!(get("/").await, StatusCode::OK);
+    assert_eq!(get("/hang").await, StatusCode::GATEWAY_TIMEOUT);
+}
+
+#[tokio::test]
 async fn a_declared_oversized_body_is_413() {
     let (up, _) = upstream::start().await;
     let p = proxy("limits: { max_request_body_bytes: 1024 }\n", up).await;

@@ -133,6 +133,7 @@ async fn answer(state: Arc<UpstreamState>, mut req: Request<Incoming>) -> Respon
             full(StatusCode::OK, "slow but complete")
         }
         "/hang" => std::future::pending().await,
+        "/stalled" => Response::new(Stalling(false).boxed()),
         "/stalled-denial" => {
             let mut res = Response::new(Stalling(false).boxed());
             *res.status_mut() = StatusCode::FORBIDDEN;
