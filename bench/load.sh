@@ -43,12 +43,14 @@
 #   SKIP_WHYDENIED=1    leave out the whydenied rows
 #   SKIP_BARE=1         leave out the "hyper alone" row (with SKIP_WHYDENIED=1:
 #                       direct and nginx only)
-#   NO_BUILD=1          never run cargo build (the whydenied rows, or the
-#                       "hyper alone" row, are skipped when the binary is
-#                       missing)
-#   BUILD=1             run `cargo build --release` even if the binaries exist
+#   NO_BUILD=1          never run cargo build (by default it runs, and does
+#                       nothing when the binaries are up to date); the
+#                       whydenied rows, or the "hyper alone" row, are skipped
+#                       when the binary is missing, and the report flags a
+#                       binary older than the sources
 #   NO_INSTALL=1        never apt-get/cargo install missing tools
-#   WHYDENIED_BIN=      binary to run (default target/release/whydenied)
+#   WHYDENIED_BIN=      binary to run, as it is (default: the one cargo
+#                       builds, target/release/whydenied)
 #   WHYDENIED_RUST_LOG= RUST_LOG for whydenied (default: unset = its default)
 #   WHYDENIED_WORKERS=  whydenied's runtime threads (1 = one thread, like
 #                       nginx's one worker; default: one per core); the
@@ -84,8 +86,9 @@ PIN=${PIN:-0}
 SKIP_WHYDENIED=${SKIP_WHYDENIED:-0}
 SKIP_BARE=${SKIP_BARE:-0}
 NO_BUILD=${NO_BUILD:-0}
-BUILD=${BUILD:-0}
 NO_INSTALL=${NO_INSTALL:-0}
+WD_GIVEN=0
+[[ -n ${WHYDENIED_BIN:-} ]] && WD_GIVEN=1
 WHYDENIED_BIN=${WHYDENIED_BIN:-${CARGO_TARGET_DIR:-target}/release/whydenied}
 BARE_BIN=${CARGO_TARGET_DIR:-target}/release/examples/bare_proxy
 RESULTS=${RESULTS-bench/results.md}
@@ -494,20 +497,32 @@ command -v wrk >/dev/null || die "wrk not found"
 OHA=
 if [[ $LIGHT != wrk ]]; then install_oha || OHA=; fi
 
-# Whether a binary's rows run (PREP_OK=1), or why not (PREP_NOTE). Builds it
-# when it is missing, or always with BUILD=1, unless NO_BUILD=1.
-prepare_bin() { # SKIP_KNOB BIN WHAT CARGO_TARGET_ARGS...
-  local knob=$1 bin=$2 what=$3
-  shift 3
+# Whether a binary's sources changed after it was built.
+older_than_sources() { # BIN
+  [[ -n $(find src examples Cargo.toml Cargo.lock -newer "$1" -print -quit 2>/dev/null) ]]
+}
+
+# Whether a binary's rows run (PREP_OK=1), and why not or what to beware of
+# (PREP_NOTE). Unless NO_BUILD=1 or the binary was given by path (GIVEN=1),
+# cargo builds it: a no-op when it is up to date, so a run never measures
+# code older than the tree by accident.
+prepare_bin() { # SKIP_KNOB BIN WHAT GIVEN CARGO_TARGET_ARGS...
+  local knob=$1 bin=$2 what=$3 given=$4
+  shift 4
   PREP_OK=0 PREP_NOTE=
   if [[ ${!knob} == 1 ]]; then
     PREP_NOTE="$what skipped ($knob=1)."
-  elif [[ -x $bin && $BUILD != 1 ]]; then
-    PREP_OK=1
-  elif [[ $NO_BUILD == 1 ]]; then
-    PREP_NOTE="$what skipped: $bin is missing and NO_BUILD=1."
+  elif [[ $given == 1 || $NO_BUILD == 1 ]]; then
+    if [[ ! -x $bin ]]; then
+      PREP_NOTE="$what skipped: $bin is missing$([[ $given == 1 ]] || echo " and NO_BUILD=1")."
+    else
+      PREP_OK=1
+      if [[ $given == 0 ]] && older_than_sources "$bin"; then
+        PREP_NOTE="$what: $bin is older than the sources (NO_BUILD=1), so it may not be this tree's code."
+      fi
+    fi
   else
-    command -v cargo >/dev/null || die "$bin is missing and there is no cargo to build it"
+    command -v cargo >/dev/null || die "there is no cargo to build $bin (NO_BUILD=1 uses the binary as it is)"
     log "building: cargo build --release --locked $*"
     cargo build --release --locked "$@" >&2
     [[ -x $bin ]] || die "cargo build finished but $bin is missing"
@@ -515,11 +530,11 @@ prepare_bin() { # SKIP_KNOB BIN WHAT CARGO_TARGET_ARGS...
   fi
   if [[ -n $PREP_NOTE ]]; then log "$PREP_NOTE"; fi
 }
-prepare_bin SKIP_WHYDENIED "$WHYDENIED_BIN" "whydenied rows" --bin whydenied
+prepare_bin SKIP_WHYDENIED "$WHYDENIED_BIN" "whydenied rows" "$WD_GIVEN" --bin whydenied
 WD=$PREP_OK WD_NOTE=$PREP_NOTE
 # The example links the library and the dev-dependencies: on a fresh tree
 # its first release build also compiles those (criterion, rcgen, axum, ...).
-prepare_bin SKIP_BARE "$BARE_BIN" '"hyper alone" row' --example bare_proxy
+prepare_bin SKIP_BARE "$BARE_BIN" '"hyper alone" row' 0 --example bare_proxy
 BARE=$PREP_OK BARE_NOTE=$PREP_NOTE
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
