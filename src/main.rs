@@ -102,7 +102,9 @@ enum Command {
     Explain(ExplainArgs),
     /// Print a recent denial, looked up by its id on the admin listener.
     Lookup {
-        /// The denial id (from `x-denial-id` or the caller's page).
+        /// The denial id (from `x-denial-id` or the caller's page). One in
+        /// 64 starts with `-`, which is taken as the id, not as an option.
+        #[arg(allow_hyphen_values = true)]
         id: String,
         /// The admin listener's URL.
         #[arg(long, default_value = "http://127.0.0.1:9901")]

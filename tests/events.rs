@@ -128,21 +128,12 @@ async fn denials_reach_the_webhook_signed_and_the_file_as_json_lines() {
     )
     .await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
-    let lookup = tokio::process::Command::new(env!("CARGO_BIN_EXE_whydenied"))
-        .args([
-            "lookup",
-            &id,
-            "--admin",
-            &format!("http://{}", p.admin_addr),
-        ])
-        .output()
-        .await
-        .unwrap();
-    let printed = String::from_utf8_lossy(&lookup.stdout);
+    let found = lookup(&id, p.admin_addr).await;
+    let printed = String::from_utf8_lossy(&found.stdout);
     assert!(
-        lookup.status.success(),
+        found.status.success(),
         "{printed}{}",
-        String::from_utf8_lossy(&lookup.stderr)
+        String::from_utf8_lossy(&found.stderr)
     );
     assert!(printed.contains(&format!("Denial {id}")), "{printed}");
     assert!(
@@ -153,6 +144,17 @@ async fn denials_reach_the_webhook_signed_and_the_file_as_json_lines() {
         printed.contains("caller:    bob (header) from 127.0.0.1"),
         "{printed}"
     );
+    // One id in 64 starts with `-` (and one in 4096 with `--`): still an id
+    // to look up, not an option.
+    for unknown in ["-AAAAAAAAAAAAAAAAAAAAA", "--AAAAAAAAAAAAAAAAAAAA"] {
+        let missing = lookup(unknown, p.admin_addr).await;
+        let said = String::from_utf8_lossy(&missing.stderr);
+        assert_eq!(missing.status.code(), Some(1), "{said}");
+        assert!(
+            said.contains(&format!("denial {unknown} is unknown")),
+            "{said}"
+        );
+    }
 
     // The file sink has the same event as one JSON line (written by its own thread).
     let line = tokio::time::timeout(GUARD, async {
@@ -337,6 +339,15 @@ async fn the_file_sink_rotates_and_every_line_is_one_event() {
         }
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `whydenied lookup ID --admin http://ADMIN`, run to its end.
+async fn lookup(id: &str, admin: SocketAddr) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_whydenied"))
+        .args(["lookup", id, "--admin", &format!("http://{admin}")])
+        .output()
+        .await
+        .unwrap()
 }
 
 fn base64_url(bytes: &[u8]) -> String {
