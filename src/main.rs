@@ -129,6 +129,8 @@ const DEMO_CONFIG: &str = include_str!("../config/whydenied.yaml");
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `serve` and `demo` log through a writer thread (see `telemetry`).
+    let mut logs = None;
     let result = match cli.command {
         Command::Check { config } => check(&config),
         Command::Schema { of } => {
@@ -150,7 +152,7 @@ fn main() -> ExitCode {
             log_format,
             workers,
         } => {
-            let _logs = telemetry::init_logging(log_format.into());
+            logs = Some(telemetry::init_logging(log_format.into()));
             serve_runtime(workers)
                 .and_then(|rt| rt.block_on(serve(config, listen, upstream, admin)))
         }
@@ -159,14 +161,19 @@ fn main() -> ExitCode {
             admin,
             log_format,
         } => {
-            let _logs = telemetry::init_logging(log_format.into());
+            logs = Some(telemetry::init_logging(log_format.into()));
             runtime().and_then(|rt| rt.block_on(demo(listen, admin)))
         }
     };
+    // The log's last lines first; a stderr that did not take them would
+    // block the error message too, and the exit code says it anyway.
+    let stderr_drained = logs.is_none_or(telemetry::LogGuard::finish);
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("whydenied: {e:#}");
+            if stderr_drained {
+                eprintln!("whydenied: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -6,7 +6,11 @@
 //! bytes ([`LOG_QUEUE_BYTES`]). When stderr is slower than the lines come
 //! (a log pipe that is full, a collector that stalls), the lines that do not
 //! fit are dropped and counted (`whydenied_log_lines_dropped_total`), the way
-//! the event sinks drop what their queues cannot hold.
+//! the event sinks drop what their queues cannot hold; so are lines stderr
+//! refuses. The writer writes whole lines, several at a time but at most
+//! 4 KiB per write (a longer line alone): a pipe never splits such a write,
+//! so a line stays whole even when stdout (the `stdout` sink) and stderr
+//! share one pipe.
 //!
 //! In JSON, an event of `whydenied::events` (already one JSON object) is
 //! written as the log line's own fields, not escaped into a string.
@@ -40,6 +44,13 @@ pub const LOG_QUEUE_BYTES: usize = 1 << 20;
 /// What a queued line costs against the budget beyond its bytes.
 const LINE_OVERHEAD: usize = 64;
 
+/// The most bytes one write carries: `PIPE_BUF`, the size up to which a
+/// write to a pipe is never split by other writers' writes.
+const ATOMIC_WRITE: usize = 4096;
+
+/// The counter of lost log lines.
+const DROPPED: &str = "whydenied_log_lines_dropped_total";
+
 /// How long [`LogGuard`] waits for the queue to be written out.
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
@@ -67,17 +78,34 @@ pub fn init_logging(format: LogFormat) -> LogGuard {
             LogFormat::Pretty => builder.try_init(),
         };
     }
-    LogGuard(queue)
+    LogGuard {
+        queue,
+        finished: false,
+    }
 }
 
-/// Writes out the queued log lines when dropped (waiting at most two
-/// seconds for a stuck stderr).
+/// Writes out the queued log lines when dropped or finished (waiting at
+/// most two seconds for a stuck stderr).
 #[must_use = "dropping the guard at once only flushes what is queued now"]
-pub struct LogGuard(LogQueue);
+pub struct LogGuard {
+    queue: LogQueue,
+    finished: bool,
+}
+
+impl LogGuard {
+    /// Writes out the queued lines; `false` if stderr did not take them in
+    /// time (then writing to stderr again may block).
+    pub fn finish(mut self) -> bool {
+        self.finished = true;
+        self.queue.flush(FLUSH_WAIT)
+    }
+}
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        self.0.flush(FLUSH_WAIT);
+        if !self.finished {
+            self.queue.flush(FLUSH_WAIT);
+        }
     }
 }
 
@@ -117,22 +145,27 @@ impl LogQueue {
     /// full.
     fn push(&self, line: &[u8]) -> bool {
         let cost = line.len() + LINE_OVERHEAD;
-        let before = self.queued.fetch_add(cost, Ordering::AcqRel);
-        if before + cost > self.limit || self.tx.send(Msg::Line(line.to_vec())).is_err() {
-            self.queued.fetch_sub(cost, Ordering::AcqRel);
-            metrics::counter!("whydenied_log_lines_dropped_total").increment(1);
-            return false;
+        let reserved = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                queued.checked_add(cost).filter(|&n| n <= self.limit)
+            });
+        if reserved.is_ok() && self.tx.send(Msg::Line(line.to_vec())).is_ok() {
+            return true;
         }
-        true
+        if reserved.is_ok() {
+            // No writer thread: give the room back.
+            self.queued.fetch_sub(cost, Ordering::AcqRel);
+        }
+        metrics::counter!(DROPPED).increment(1);
+        false
     }
 
-    /// Waits until every line queued before this call is written, or
-    /// `wait` has passed.
-    pub fn flush(&self, wait: Duration) {
+    /// Waits until every line queued before this call is written (`true`),
+    /// or `wait` has passed.
+    pub fn flush(&self, wait: Duration) -> bool {
         let (done, written) = mpsc::channel();
-        if self.tx.send(Msg::Flush(done)).is_ok() {
-            let _ = written.recv_timeout(wait);
-        }
+        self.tx.send(Msg::Flush(done)).is_ok() && written.recv_timeout(wait).is_ok()
     }
 }
 
@@ -142,27 +175,59 @@ impl LogQueue {
 /// once per line, and the threads that log never pay for a wake-up.
 const BATCH_PAUSE: Duration = Duration::from_millis(2);
 
-/// The writer thread: writes lines as they come, in batches when several
-/// wait, and flushes whenever the queue runs empty. A line's bytes count
-/// against the queue's budget until they have been written out.
-fn write_lines<W: Write>(out: W, rx: &Receiver<Msg>, queued: &AtomicUsize) {
-    let mut out = io::BufWriter::with_capacity(64 * 1024, out);
-    let mut unwritten = 0;
-    let flush = |out: &mut io::BufWriter<W>, unwritten: &mut usize| {
-        // A failing stderr cannot be reported anywhere: the lines are lost,
-        // the thread goes on.
-        let _ = out.flush();
-        queued.fetch_sub(std::mem::take(unwritten), Ordering::AcqRel);
+/// Whole lines waiting to go out in one write.
+struct Batch {
+    bytes: Vec<u8>,
+    lines: u64,
+    /// Their cost against the queue's budget.
+    cost: usize,
+}
+
+impl Batch {
+    fn add(&mut self, line: &[u8]) {
+        self.bytes.extend_from_slice(line);
+        self.lines += 1;
+        self.cost += line.len() + LINE_OVERHEAD;
+    }
+
+    /// Writes the batch out, or counts its lines as lost if the output
+    /// refuses them (a failing stderr cannot be reported anywhere else);
+    /// either way their room in the queue is free again.
+    fn write_to<W: Write>(&mut self, out: &mut W, queued: &AtomicUsize) {
+        if self.lines == 0 {
+            return;
+        }
+        if out.write_all(&self.bytes).is_err() {
+            metrics::counter!(DROPPED).increment(self.lines);
+        }
+        queued.fetch_sub(self.cost, Ordering::AcqRel);
+        self.bytes.clear();
+        self.lines = 0;
+        self.cost = 0;
+    }
+}
+
+/// The writer thread: writes lines as they come, as many whole lines per
+/// write as fit in [`ATOMIC_WRITE`] bytes (a longer line on its own), then
+/// pauses ([`BATCH_PAUSE`]) when the queue has run empty.
+fn write_lines<W: Write>(mut out: W, rx: &Receiver<Msg>, queued: &AtomicUsize) {
+    let mut batch = Batch {
+        bytes: Vec::with_capacity(ATOMIC_WRITE),
+        lines: 0,
+        cost: 0,
     };
     while let Ok(mut msg) = rx.recv() {
         loop {
             match msg {
                 Msg::Line(line) => {
-                    let _ = out.write_all(&line);
-                    unwritten += line.len() + LINE_OVERHEAD;
+                    if batch.bytes.len() + line.len() > ATOMIC_WRITE {
+                        batch.write_to(&mut out, queued);
+                    }
+                    batch.add(&line);
                 }
                 Msg::Flush(done) => {
-                    flush(&mut out, &mut unwritten);
+                    batch.write_to(&mut out, queued);
+                    let _ = out.flush();
                     let _ = done.send(());
                 }
             }
@@ -171,7 +236,8 @@ fn write_lines<W: Write>(out: W, rx: &Receiver<Msg>, queued: &AtomicUsize) {
                 Err(_) => break,
             }
         }
-        flush(&mut out, &mut unwritten);
+        batch.write_to(&mut out, queued);
+        let _ = out.flush();
         std::thread::sleep(BATCH_PAUSE);
     }
 }
@@ -232,8 +298,13 @@ where
             let mut message = Message(String::new());
             event.record(&mut message);
             let object = message.0;
-            // The event's own serialization: one object, no raw newlines.
-            if object.starts_with('{') && object.ends_with('}') && !object.contains('\n') {
+            // The event's own serialization (serde_json's compact form): one
+            // object, empty or opening with a key, and no raw newline.
+            let spliceable = object.starts_with('{')
+                && object.ends_with('}')
+                && (object == "{}" || object.as_bytes().get(1) == Some(&b'"'))
+                && !object.contains('\n');
+            if spliceable {
                 writer.write_str("{\"timestamp\":\"")?;
                 SystemTime.format_time(&mut writer)?;
                 write!(
@@ -347,6 +418,105 @@ mod tests {
         assert!(text(&shared).ends_with("line four\n"));
     }
 
+    /// Records the size of every write; fails them all when `fail`.
+    #[derive(Clone, Default)]
+    struct Writes {
+        sizes: Arc<Mutex<Vec<usize>>>,
+        out: Arc<Mutex<Vec<u8>>>,
+        fail: bool,
+    }
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.fail {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            self.sizes.lock().unwrap().push(buf.len());
+            self.out.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn writes_carry_whole_lines_and_at_most_a_pipes_atomic_size() {
+        let writes = Writes::default();
+        let queue = LogQueue::spawn(writes.clone(), LOG_QUEUE_BYTES);
+        let line = |c: u8, n: usize| {
+            let mut l = vec![c; n - 1];
+            l.push(b'\n');
+            l
+        };
+        for i in 0..40 {
+            assert!(queue.push(&line(b'a' + (i % 26), 1000)));
+        }
+        assert!(queue.push(&line(b'L', 9000)));
+        assert!(queue.push(&line(b'z', 10)));
+        assert!(queue.flush(Duration::from_secs(30)));
+        let sizes = writes.sizes.lock().unwrap().clone();
+        let out = writes.out.lock().unwrap().clone();
+        assert_eq!(out.len(), 40 * 1000 + 9000 + 10);
+        let mut at = 0;
+        for size in sizes {
+            let chunk = &out[at..at + size];
+            at += size;
+            assert!(chunk.ends_with(b"\n"), "a write ended inside a line");
+            assert!(
+                size <= ATOMIC_WRITE || chunk.iter().filter(|&&b| b == b'\n').count() == 1,
+                "a write of {size} bytes"
+            );
+        }
+        assert_eq!(
+            queue.queued.load(Ordering::Acquire),
+            0,
+            "all room given back"
+        );
+    }
+
+    #[test]
+    fn lines_a_failing_stderr_refuses_give_their_room_back() {
+        let writes = Writes {
+            fail: true,
+            ..Writes::default()
+        };
+        let queue = LogQueue::spawn(writes, 2 * (10 + LINE_OVERHEAD));
+        for _ in 0..10 {
+            assert!(queue.push(b"lost line\n"));
+            assert!(queue.flush(Duration::from_secs(30)));
+        }
+        assert_eq!(queue.queued.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn no_event_has_a_field_the_log_line_puts_first() {
+        let schema = serde_json::to_value(schemars::schema_for!(crate::events::AnyEvent)).unwrap();
+        // Every object schema with an id field is an event's top level.
+        fn walk(v: &serde_json::Value, tops: &mut Vec<serde_json::Map<String, serde_json::Value>>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    if let Some(serde_json::Value::Object(props)) = m.get("properties")
+                        && (props.contains_key("denial_id") || props.contains_key("escalation_id"))
+                    {
+                        tops.push(props.clone());
+                    }
+                    m.values().for_each(|v| walk(v, tops));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, tops)),
+                _ => {}
+            }
+        }
+        let mut tops = Vec::new();
+        walk(&schema, &mut tops);
+        assert!(tops.len() >= 2, "both event kinds: {schema}");
+        for props in tops {
+            for key in ["timestamp", "level", "target"] {
+                assert!(!props.contains_key(key), "an event has `{key}`");
+            }
+        }
+    }
+
     fn logged(f: impl FnOnce()) -> Vec<serde_json::Value> {
         let shared = Shared::default();
         let queue = LogQueue::spawn(shared.clone(), LOG_QUEUE_BYTES);
@@ -370,8 +540,13 @@ mod tests {
             tracing::info!(target: "whydenied::events", event = "denial", "{line}");
             tracing::info!(target: "whydenied", port = 8080, "listening");
             tracing::info!(target: "whydenied::events", event = "odd", "not an object");
+            tracing::info!(target: "whydenied::events", event = "odd", "{{ }}");
+            tracing::info!(target: "whydenied::events", event = "empty", "{{}}");
         });
-        assert_eq!(lines.len(), 3);
+        assert_eq!(lines.len(), 5);
+        assert_eq!(lines[3]["message"], "{ }", "not spliced");
+        assert_eq!(lines[4]["target"], "whydenied::events");
+        assert!(lines[4].get("message").is_none());
         let e = &lines[0];
         assert_eq!(e["target"], "whydenied::events");
         assert_eq!(e["level"], "INFO");
