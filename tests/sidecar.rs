@@ -456,6 +456,7 @@ async fn admin_listener_serves_health_readiness_and_metrics_only_there() {
         "whydenied_request_duration_seconds_bucket",
         "whydenied_config_info",
         "whydenied_open_connections",
+        "whydenied_log_lines_dropped_total",
     ] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }

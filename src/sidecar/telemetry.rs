@@ -94,8 +94,10 @@ pub fn init_logging(format: LogFormat) -> LogGuard {
     if first {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // Colours only for a person at a terminal, not in a log file.
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
             .with_writer(queue.clone());
         let _ = match format {
             LogFormat::Json => builder.json().event_format(JsonLines::default()).try_init(),
@@ -386,6 +388,9 @@ pub fn metrics() -> PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!(target: "whydenied", "a metrics recorder was already installed; /metrics shows only whydenied's own view");
             }
+            // Listed from the start, so that an alert on it works before the
+            // first drop.
+            metrics::counter!(DROPPED).increment(0);
             handle
         })
         .clone()
