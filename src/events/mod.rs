@@ -187,7 +187,10 @@ pub trait EventSink: Send + Sync + 'static {
     fn emit(&self, event: &Event, line: &Arc<str>);
 }
 
-/// Logs the event to `tracing` at target `whydenied::events`.
+/// The `tracing` target of events; the message is the event's JSON line.
+pub const TRACE_TARGET: &str = "whydenied::events";
+
+/// Logs the event to `tracing` at [`TRACE_TARGET`].
 pub fn trace(event: &Event, line: &str) {
-    tracing::info!(target: "whydenied::events", event = event.kind(), "{line}");
+    tracing::info!(target: TRACE_TARGET, event = event.kind(), "{line}");
 }

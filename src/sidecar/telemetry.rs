@@ -31,6 +31,8 @@ use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
+use crate::events::TRACE_TARGET;
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
@@ -307,9 +309,6 @@ impl Default for JsonLines {
     }
 }
 
-/// The target of event lines.
-const EVENTS_TARGET: &str = "whydenied::events";
-
 impl<S> FormatEvent<S, JsonFields> for JsonLines
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
@@ -321,7 +320,7 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let meta = event.metadata();
-        if meta.target() == EVENTS_TARGET {
+        if meta.target() == TRACE_TARGET {
             let mut message = Message(String::new());
             event.record(&mut message);
             let object = message.0;
@@ -336,7 +335,7 @@ where
                 SystemTime.format_time(&mut writer)?;
                 write!(
                     writer,
-                    "\",\"level\":\"{}\",\"target\":\"{EVENTS_TARGET}\"",
+                    "\",\"level\":\"{}\",\"target\":\"{TRACE_TARGET}\"",
                     meta.level()
                 )?;
                 if object.len() > 2 {
@@ -567,11 +566,11 @@ mod tests {
     fn an_event_is_the_log_lines_own_fields_and_other_lines_stay_as_they_were() {
         let line = r#"{"schema":1,"event":"denial","denial_id":"abc","url":"/a\"b\\c"}"#;
         let lines = logged(|| {
-            tracing::info!(target: "whydenied::events", event = "denial", "{line}");
+            tracing::info!(target: TRACE_TARGET, event = "denial", "{line}");
             tracing::info!(target: "whydenied", port = 8080, "listening");
-            tracing::info!(target: "whydenied::events", event = "odd", "not an object");
-            tracing::info!(target: "whydenied::events", event = "odd", "{{ }}");
-            tracing::info!(target: "whydenied::events", event = "empty", "{{}}");
+            tracing::info!(target: TRACE_TARGET, event = "odd", "not an object");
+            tracing::info!(target: TRACE_TARGET, event = "odd", "{{ }}");
+            tracing::info!(target: TRACE_TARGET, event = "empty", "{{}}");
         });
         assert_eq!(lines.len(), 5);
         assert_eq!(lines[3]["message"], "{ }", "not spliced");
