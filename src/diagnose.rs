@@ -14,7 +14,7 @@ use http::StatusCode;
 use crate::causes::cause_text;
 use crate::config::Config;
 use crate::detect;
-use crate::escape::{MAX_REFLECTED_CHARS, clean};
+use crate::escape::{MAX_REFLECTED_CHARS, clean, clean_into};
 use crate::explanation::{
     Audience, Cause, CauseKind, DeniedBy, Effort, Explanation, Likelihood, PolicyRef, Remediation,
 };
@@ -47,15 +47,16 @@ pub fn explain(
 
     let mut causes = Vec::new();
     if let Some(policy) = policy {
-        let mut evidence = format!(
-            "{} {} matched policy `{}`",
-            clean(facts.method().as_str(), 32),
-            clean(facts.path(), MAX_REFLECTED_CHARS),
-            policy.id
-        );
-        if !policy.conditions.described.is_empty() {
-            evidence.push_str(": ");
-            evidence.push_str(&policy.conditions.described.join("; "));
+        let mut evidence = String::with_capacity(128);
+        clean_into(&mut evidence, facts.method().as_str(), 32);
+        evidence.push(' ');
+        clean_into(&mut evidence, facts.path(), MAX_REFLECTED_CHARS);
+        evidence.push_str(" matched policy `");
+        evidence.push_str(&policy.id);
+        evidence.push('`');
+        for (i, described) in policy.conditions.described.iter().enumerate() {
+            evidence.push_str(if i == 0 { ": " } else { "; " });
+            evidence.push_str(described);
         }
         evidence.push('.');
         causes.push(Cause {
@@ -353,9 +354,9 @@ struct DenialVars<'a> {
 impl Vars for DenialVars<'_> {
     fn write(&self, var: Var, out: &mut String) {
         match var {
-            Var::Method => out.push_str(&clean(self.facts.method().as_str(), 32)),
-            Var::Path => out.push_str(&clean(self.facts.path(), MAX_REFLECTED_CHARS)),
-            Var::Host => out.push_str(&clean(self.facts.host().unwrap_or(""), MAX_REFLECTED_CHARS)),
+            Var::Method => clean_into(out, self.facts.method().as_str(), 32),
+            Var::Path => clean_into(out, self.facts.path(), MAX_REFLECTED_CHARS),
+            Var::Host => clean_into(out, self.facts.host().unwrap_or(""), MAX_REFLECTED_CHARS),
             Var::Status => out.push_str(self.status.as_str()),
             Var::Policy => out.push_str(self.policy.map_or("", |p| p.id.as_str())),
             Var::PolicyTitle => out.push_str(&self.policy_title),

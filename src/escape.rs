@@ -19,7 +19,19 @@ pub const MAX_REFLECTED_CHARS: usize = 256;
 /// understanding of the text, and caps the length at `max_chars` characters
 /// (an ellipsis marks the cut).
 pub fn clean(value: &str, max_chars: usize) -> String {
-    let mut out = String::with_capacity(value.len().min(max_chars * 4));
+    let mut out = String::new();
+    clean_into(&mut out, value, max_chars);
+    out
+}
+
+/// [`clean`], appending to `out`.
+pub fn clean_into(out: &mut String, value: &str, max_chars: usize) {
+    // The usual value: printable ASCII within the cap, nothing to replace.
+    if value.len() <= max_chars && value.bytes().all(|b| matches!(b, b' '..=b'~')) {
+        out.push_str(value);
+        return;
+    }
+    out.reserve(value.len().min(max_chars.saturating_mul(4)));
     for (n, c) in value.chars().enumerate() {
         if n == max_chars {
             out.push('…');
@@ -31,7 +43,6 @@ pub fn clean(value: &str, max_chars: usize) -> String {
             out.push(c);
         }
     }
-    out
 }
 
 /// Like [`clean`] for raw bytes (headers, bodies): invalid UTF-8 becomes U+FFFD.
@@ -68,6 +79,13 @@ mod tests {
         assert_eq!(clean("evil\u{202E}txt", 10), "evil\\u{202e}txt");
         assert_eq!(clean("abcdef", 3), "abc…");
         assert_eq!(clean("héllo", 256), "héllo");
+        assert_eq!(clean("plain ascii ~", 13), "plain ascii ~");
+        assert_eq!(clean("plain ascii ~", 12), "plain ascii …");
+        assert_eq!(clean("tab\there", 20), "tab\\u{9}here");
+        assert_eq!(clean("del\u{7f}", 20), "del\\u{7f}");
+        let mut out = String::from("a: ");
+        clean_into(&mut out, "b\nc", 10);
+        assert_eq!(out, "a: b\\u{a}c");
     }
 
     #[test]

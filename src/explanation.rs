@@ -6,6 +6,7 @@
 //! is allowed to see is decided once, by [`Explanation::caller_view`], from
 //! the matched policy's [`Expose`] level; events get the full value.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use http::StatusCode;
@@ -258,30 +259,67 @@ impl Explanation {
     }
 
     /// What the caller may see of this explanation, per its [`Expose`] level.
-    pub fn caller_view(&self) -> Explanation {
-        let mut view = self.clone();
+    /// At `full` that is the explanation itself (borrowed, nothing copied);
+    /// the other levels build a copy without what they hide.
+    pub fn caller_view(&self) -> Cow<'_, Explanation> {
         match self.expose {
-            Expose::Full => {}
-            Expose::Caller => {
-                if let Some(policy) = view.policy.as_mut() {
-                    policy.owner = None;
-                }
-                for cause in &mut view.causes {
-                    cause.evidence.clear();
-                }
-                view.remediation.retain(|r| r.audience == Audience::Caller);
-            }
-            Expose::Minimal => {
-                view.title = generic_title(self.status).to_owned();
-                view.detail = "The request was denied by an access policy. Quote the denial id \
-                               when you ask for help."
-                    .to_owned();
-                view.policy = None;
-                view.causes.clear();
-                view.remediation.clear();
-            }
+            Expose::Full => Cow::Borrowed(self),
+            Expose::Caller => Cow::Owned(Explanation {
+                policy: self.policy.as_ref().map(|p| PolicyRef {
+                    id: p.id.clone(),
+                    title: p.title.clone(),
+                    owner: None,
+                    docs: p.docs.clone(),
+                }),
+                causes: self
+                    .causes
+                    .iter()
+                    .map(|c| Cause {
+                        cause: c.cause,
+                        likelihood: c.likelihood,
+                        evidence: Vec::new(),
+                    })
+                    .collect(),
+                remediation: self
+                    .remediation
+                    .iter()
+                    .filter(|r| r.audience == Audience::Caller)
+                    .cloned()
+                    .collect(),
+                ..self.shared_fields()
+            }),
+            Expose::Minimal => Cow::Owned(Explanation {
+                title: generic_title(self.status).to_owned(),
+                detail: "The request was denied by an access policy. Quote the denial id \
+                         when you ask for help."
+                    .to_owned(),
+                policy: None,
+                causes: Vec::new(),
+                remediation: Vec::new(),
+                ..self.shared_fields()
+            }),
         }
-        view
+    }
+
+    /// A copy of the fields every view shows as they are.
+    fn shared_fields(&self) -> Explanation {
+        Explanation {
+            denial_id: self.denial_id,
+            status: self.status,
+            title: self.title.clone(),
+            detail: self.detail.clone(),
+            policy: None,
+            causes: Vec::new(),
+            remediation: Vec::new(),
+            retry_after_seconds: self.retry_after_seconds,
+            temporary: self.temporary,
+            denied_by: self.denied_by,
+            contact: self.contact.clone(),
+            escalate: self.escalate.clone(),
+            expose: self.expose,
+            identity: self.identity.clone(),
+            client_ip: self.client_ip,
+        }
     }
 }
 
@@ -367,6 +405,36 @@ mod tests {
         assert_eq!(e.causes.len(), 2);
         assert_eq!(e.causes[1].likelihood, Likelihood::Medium);
         assert_eq!(e.causes[1].evidence, vec!["a", "c"]);
+    }
+
+    #[test]
+    fn full_level_shows_everything_without_a_copy() {
+        let e = explanation(
+            vec![cause(CauseKind::Permission, Likelihood::High, "evidence")],
+            Expose::Full,
+        );
+        let v = e.caller_view();
+        assert!(matches!(v, Cow::Borrowed(_)));
+        assert_eq!(*v, e);
+    }
+
+    #[test]
+    fn caller_level_keeps_what_it_does_not_hide() {
+        let mut e = explanation(
+            vec![cause(CauseKind::Permission, Likelihood::High, "secretish")],
+            Expose::Caller,
+        );
+        e.policy.as_mut().unwrap().docs = Some("https://wiki/admin".into());
+        e.retry_after_seconds = Some(30);
+        let v = e.caller_view();
+        // Everything but the hidden fields is the explanation's own.
+        let mut expected = e.clone();
+        expected.policy.as_mut().unwrap().owner = None;
+        expected.causes[0].evidence.clear();
+        expected
+            .remediation
+            .retain(|r| r.audience == Audience::Caller);
+        assert_eq!(*v, expected);
     }
 
     #[test]

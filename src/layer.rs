@@ -366,14 +366,24 @@ impl<B: Body<Data = Bytes>> Collecting<B> {
     /// The explained response, or the upstream's own if explaining failed.
     fn finish(self) -> Response<ExplainBody<B>> {
         let limit = self.pending.config.max_body_bytes();
-        let mut prefix = Vec::with_capacity(self.read.min(limit));
-        for chunk in &self.chunks {
-            let room = limit - prefix.len();
-            prefix.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if prefix.len() == limit {
-                break;
+        // The prefix in one piece: the usual small denial arrived as one chunk.
+        let prefix: std::borrow::Cow<'_, [u8]> = match self.chunks.as_slices() {
+            ([], []) => std::borrow::Cow::Borrowed(&[]),
+            ([only], []) | ([], [only]) => {
+                std::borrow::Cow::Borrowed(&only[..only.len().min(limit)])
             }
-        }
+            _ => {
+                let mut joined = Vec::with_capacity(self.read.min(limit));
+                for chunk in &self.chunks {
+                    let room = limit - joined.len();
+                    joined.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    if joined.len() == limit {
+                        break;
+                    }
+                }
+                std::borrow::Cow::Owned(joined)
+            }
+        };
         let built = catch_unwind(AssertUnwindSafe(|| {
             explained(&self.pending, &self.parts, &prefix)
         }));
@@ -468,14 +478,13 @@ fn explained(
     let event = denial_event(
         config,
         facts,
-        &explanation,
+        explanation,
         &parts.headers,
         upstream.body,
         now,
     );
-    let policy_title = explanation.policy.as_ref().map(|p| p.title.as_str());
     if let Some(recorder) = config.recorder.get() {
-        recorder.denial(config, event, facts.path(), policy_title);
+        recorder.denial(config, event, facts.path());
     }
     Ok((headers, body))
 }

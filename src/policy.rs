@@ -313,18 +313,22 @@ impl PolicySet {
             return None;
         }
         let path_hits = hits(&self.paths, &self.path_owner, facts.path(), self.len());
-        let host = facts
-            .host()
-            .map(str::to_ascii_lowercase)
-            .unwrap_or_default();
-        let host_hits = hits(&self.hosts, &self.host_owner, &host, self.len());
+        let host_hits = if self.hosts.is_empty() {
+            Vec::new()
+        } else {
+            let host = facts
+                .host()
+                .map(str::to_ascii_lowercase)
+                .unwrap_or_default();
+            hits(&self.hosts, &self.host_owner, &host, self.len())
+        };
         // Which policies' body literals occur: computed once, on the first
         // policy that gets as far as its body condition.
         let mut body_candidates: Option<Vec<bool>> = None;
         self.policies.iter().enumerate().find_map(|(i, policy)| {
             let c = &policy.conditions;
-            let holds = (!c.has_path || path_hits[i])
-                && (!c.has_host || host_hits[i])
+            let holds = (!c.has_path || path_hits.get(i).copied().unwrap_or(false))
+                && (!c.has_host || host_hits.get(i).copied().unwrap_or(false))
                 && (c.status.is_empty() || c.status.contains(&upstream.status.as_u16()))
                 && (c.methods.is_empty() || c.methods.contains(facts.method()))
                 && c.request_headers
@@ -353,12 +357,13 @@ impl PolicySet {
     }
 }
 
-/// Which policies have a glob in `set` matching `value`.
+/// Which policies have a glob in `set` matching `value` (empty, with no
+/// allocation, when the set is).
 fn hits(set: &GlobSet, owner: &[usize], value: &str, policies: usize) -> Vec<bool> {
-    let mut out = vec![false; policies];
     if set.is_empty() {
-        return out;
+        return Vec::new();
     }
+    let mut out = vec![false; policies];
     for glob in set.matches(value) {
         if let Some(&p) = owner.get(glob) {
             out[p] = true;

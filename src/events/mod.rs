@@ -164,11 +164,16 @@ impl Event {
     /// One JSON line (without the newline). Control characters are escaped by
     /// JSON, so the line never breaks.
     pub fn to_json_line(&self) -> String {
-        let out = match self {
-            Event::Denial(e) => serde_json::to_string(&**e),
-            Event::Escalation(e) => serde_json::to_string(&**e),
+        // Sized for a typical event, so the line is not regrown as it is written.
+        let mut out = Vec::with_capacity(2048);
+        let written = match self {
+            Event::Denial(e) => serde_json::to_writer(&mut out, &**e),
+            Event::Escalation(e) => serde_json::to_writer(&mut out, &**e),
         };
-        out.unwrap_or_else(|_| "{\"schema\":1,\"event\":\"unserializable\"}".to_owned())
+        match written.map(|()| String::from_utf8(out)) {
+            Ok(Ok(line)) => line,
+            _ => "{\"schema\":1,\"event\":\"unserializable\"}".to_owned(),
+        }
     }
 
     /// `denial` or `escalation`.

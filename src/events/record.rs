@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime};
 
 use http::header::HeaderMap;
 
-use super::redact::{Redactor, scrub};
+use super::redact::{Redactor, scrub_owned};
 use super::store::{RecentStore, Recorded};
 use super::time::rfc3339;
 use super::{
@@ -80,19 +80,20 @@ fn evidence_header(name: &str) -> bool {
         || name.starts_with("cf-")
 }
 
-/// Builds the event of one explained denial.
+/// Builds the event of one explained denial, taking what it records from the
+/// explanation (rendered already) rather than copying it.
 pub fn denial_event(
     config: &Config,
     facts: &RequestFacts,
-    explanation: &Explanation,
+    explanation: Explanation,
     upstream_headers: &HeaderMap,
     body: &[u8],
     now: SystemTime,
 ) -> DenialEvent {
     let settings = config.events();
     let redactor = Redactor {
-        extra_headers: settings.redact_headers.clone(),
-        extra_query_words: settings.redact_query_keys.clone(),
+        extra_headers: &settings.redact_headers,
+        extra_query_words: &settings.redact_query_keys,
     };
     let excerpt = &body[..body.len().min(settings.body_excerpt_bytes)];
     DenialEvent {
@@ -105,8 +106,8 @@ pub fn denial_event(
         url: redactor.url(facts.path(), facts.query()),
         host: clean(facts.host().unwrap_or(""), 256),
         client_ip: explanation.client_ip,
-        identity: explanation.identity.as_ref().map(|i| IdentityRecord {
-            name: i.name.clone(),
+        identity: explanation.identity.map(|i| IdentityRecord {
+            name: i.name,
             source: if i.unverified {
                 "jwt_unverified"
             } else {
@@ -115,18 +116,18 @@ pub fn denial_event(
         }),
         user_agent: facts
             .user_agent()
-            .map(|v| scrub(&clean(&String::from_utf8_lossy(v), 256)))
+            .map(|v| scrub_owned(clean(&String::from_utf8_lossy(v), 256)))
             .unwrap_or_default(),
-        policy: explanation.policy.as_ref().map(|p| PolicyRecord {
-            id: p.id.clone(),
-            title: p.title.clone(),
-            owner: p.owner.clone(),
+        policy: explanation.policy.map(|p| PolicyRecord {
+            id: p.id,
+            title: p.title,
+            owner: p.owner,
         }),
-        causes: explanation.causes.clone(),
+        causes: explanation.causes,
         upstream: UpstreamRecord {
             status: explanation.status.as_u16(),
             headers: redactor.headers(upstream_headers, evidence_header),
-            body_excerpt: scrub(&clean(
+            body_excerpt: scrub_owned(clean(
                 &String::from_utf8_lossy(excerpt),
                 settings.body_excerpt_bytes,
             )),
@@ -187,13 +188,7 @@ impl Recorder {
     }
 
     /// Records one denial: event, store, escalation rules.
-    pub fn denial(
-        &self,
-        config: &Config,
-        event: DenialEvent,
-        path: &str,
-        policy_title: Option<&str>,
-    ) {
+    pub fn denial(&self, config: &Config, event: DenialEvent, path: &str) {
         let event = Arc::new(event);
         let caller = caller_key(event.identity.as_ref(), event.client_ip);
         if let Some(id) = crate::id::DenialId::parse(&event.denial_id) {
@@ -219,7 +214,7 @@ impl Recorder {
                 event: &event,
                 caller: &display_caller,
                 path,
-                policy_title,
+                policy_title: event.policy.as_ref().map(|p| p.title.as_str()),
             },
             Instant::now(),
         );

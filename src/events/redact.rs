@@ -44,20 +44,27 @@ pub const SECRET_QUERY_WORDS: &[&str] = &[
 /// The replacement text.
 pub const REDACTED: &str = "[redacted]";
 
-/// Redaction settings: the built-in lists plus what the config adds.
-#[derive(Clone, Debug, Default)]
-pub struct Redactor {
+/// Redaction settings: the built-in lists plus what the config adds
+/// (borrowed from the config).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Redactor<'a> {
     /// Extra header names (lowercase) never to record.
-    pub extra_headers: Vec<String>,
+    pub extra_headers: &'a [String],
     /// Extra query words to treat as secret.
-    pub extra_query_words: Vec<String>,
+    pub extra_query_words: &'a [String],
 }
 
-impl Redactor {
+impl Redactor<'_> {
     /// Whether a header's value must never be recorded.
     pub fn is_secret_header(&self, name: &str) -> bool {
-        let name = name.to_ascii_lowercase();
-        SECRET_HEADERS.contains(&name.as_str()) || self.extra_headers.contains(&name)
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            return self.is_secret_lowercase_header(&name.to_ascii_lowercase());
+        }
+        self.is_secret_lowercase_header(name)
+    }
+
+    fn is_secret_lowercase_header(&self, name: &str) -> bool {
+        SECRET_HEADERS.contains(&name) || self.extra_headers.iter().any(|h| h == name)
     }
 
     fn is_secret_key(&self, key: &str) -> bool {
@@ -97,11 +104,14 @@ impl Redactor {
     ) -> Vec<(String, String)> {
         headers
             .iter()
-            .filter(|(name, _)| keep(name.as_str()) && !self.is_secret_header(name.as_str()))
+            // Header names are lowercase in a `HeaderMap`.
+            .filter(|(name, _)| {
+                keep(name.as_str()) && !self.is_secret_lowercase_header(name.as_str())
+            })
             .take(32)
             .map(|(name, value)| {
                 let value = String::from_utf8_lossy(value.as_bytes());
-                (name.as_str().to_owned(), scrub(&clean(&value, 512)))
+                (name.as_str().to_owned(), scrub_owned(clean(&value, 512)))
             })
             .collect()
     }
@@ -131,6 +141,15 @@ pub fn scrub(text: &str) -> String {
     token_patterns().replace_all(text, REDACTED).into_owned()
 }
 
+/// [`scrub`] on a string we own: returned as it is when it holds no token.
+pub fn scrub_owned(text: String) -> String {
+    let replaced = match token_patterns().replace_all(&text, REDACTED) {
+        std::borrow::Cow::Owned(replaced) => Some(replaced),
+        std::borrow::Cow::Borrowed(_) => None,
+    };
+    replaced.unwrap_or(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,11 +162,36 @@ mod tests {
             "/cb?code=[redacted]&state=xyz&access_token=[redacted]&page=2"
         );
         assert_eq!(r.url("/a", None), "/a");
+        let words = ["tenant".to_owned()];
         let r = Redactor {
-            extra_query_words: vec!["tenant".into()],
+            extra_query_words: &words,
             ..Redactor::default()
         };
         assert_eq!(r.url("/a", Some("tenant=acme")), "/a?tenant=[redacted]");
+    }
+
+    #[test]
+    fn secret_headers_are_known_in_any_case() {
+        let extra = ["x-tenant-key".to_owned()];
+        let r = Redactor {
+            extra_headers: &extra,
+            ..Redactor::default()
+        };
+        for name in [
+            "authorization",
+            "Authorization",
+            "SET-COOKIE",
+            "x-tenant-key",
+            "X-Tenant-Key",
+        ] {
+            assert!(r.is_secret_header(name), "{name}");
+        }
+        assert!(!r.is_secret_header("www-authenticate"));
+        let mut headers = HeaderMap::new();
+        headers.insert("x-tenant-key", "k".parse().unwrap());
+        headers.insert("x-request-id", "r1".parse().unwrap());
+        let kept = r.headers(&headers, |_| true);
+        assert_eq!(kept, vec![("x-request-id".to_owned(), "r1".to_owned())]);
     }
 
     #[test]
@@ -158,6 +202,8 @@ mod tests {
         assert!(!out.contains("eyJ"), "{out}");
         assert!(!out.contains("abcdefgh12345678"), "{out}");
         assert!(scrub("key AKIAIOSFODNN7EXAMPLE").contains(REDACTED));
+        assert_eq!(scrub_owned(text.clone()), out);
+        assert_eq!(scrub_owned("nothing secret".to_owned()), "nothing secret");
     }
 
     #[test]

@@ -50,7 +50,11 @@ pub(super) fn render(e: &Explanation) -> String {
     };
     // Serialising plain strings and numbers cannot fail; an empty object is
     // still valid JSON if it ever did.
-    serde_json::to_string_pretty(&problem).unwrap_or_else(|_| "{}".to_owned())
+    let mut out = Vec::with_capacity(2048);
+    match serde_json::to_writer_pretty(&mut out, &problem) {
+        Ok(()) => String::from_utf8(out).unwrap_or_else(|_| "{}".to_owned()),
+        Err(_) => "{}".to_owned(),
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ pub mod notice;
 mod text;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue, InvalidHeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
 use http::{Response, StatusCode};
 
 use crate::explanation::{CauseKind, Explanation};
@@ -38,24 +38,24 @@ pub fn html_csp() -> String {
 
 /// Upstream headers that describe the body being replaced, and so are dropped
 /// from an explained response. Everything else the upstream sent is kept.
-const BODY_HEADERS: &[&str] = &[
-    "content-length",
-    "content-encoding",
-    "content-range",
-    "content-type",
-    "content-disposition",
-    "content-md5",
-    "content-digest",
-    "repr-digest",
-    "digest",
-    "etag",
-    "last-modified",
-    "transfer-encoding",
-    "trailer",
-    "cache-control",
-    "expires",
-    "content-security-policy",
-    "content-security-policy-report-only",
+const BODY_HEADERS: [HeaderName; 17] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_ENCODING,
+    header::CONTENT_RANGE,
+    header::CONTENT_TYPE,
+    header::CONTENT_DISPOSITION,
+    HeaderName::from_static("content-md5"),
+    HeaderName::from_static("content-digest"),
+    HeaderName::from_static("repr-digest"),
+    HeaderName::from_static("digest"),
+    header::ETAG,
+    header::LAST_MODIFIED,
+    header::TRANSFER_ENCODING,
+    header::TRAILER,
+    header::CACHE_CONTROL,
+    header::EXPIRES,
+    header::CONTENT_SECURITY_POLICY,
+    header::CONTENT_SECURITY_POLICY_REPORT_ONLY,
 ];
 
 /// Turns `headers` (the upstream's) into those of an explained response of
@@ -68,8 +68,8 @@ pub fn set_headers(
     denial_id: &DenialId,
     body_len: usize,
 ) -> Result<(), InvalidHeaderValue> {
-    for name in BODY_HEADERS {
-        headers.remove(*name);
+    for name in &BODY_HEADERS {
+        headers.remove(name);
     }
     set_common_headers(headers, format, body_len);
     headers.insert(
