@@ -215,7 +215,11 @@ pub fn token(facts: &RequestFacts, now: SystemTime, found: &mut Vec<Cause>) {
     let Some(exp) = claims.get("exp").and_then(|v| v.as_u64()) else {
         return;
     };
-    let expires = UNIX_EPOCH + Duration::from_secs(exp);
+    // The claim is the caller's: a time past what `SystemTime` holds is no
+    // evidence of anything (and must not overflow).
+    let Some(expires) = UNIX_EPOCH.checked_add(Duration::from_secs(exp)) else {
+        return;
+    };
     if let Ok(ago) = now.duration_since(expires)
         && ago > SKEW
     {

@@ -19,6 +19,8 @@ pub const MAX_CAPTURED_HEADERS: usize = 8;
 
 /// How many `X-Forwarded-For` hops are looked at, from the right.
 const MAX_FORWARDED_HOPS: usize = 32;
+/// `X-Forwarded-For` lines kept after the first.
+const MAX_FORWARDED_LINES: usize = 8;
 
 /// The address of the peer that sent the request.
 ///
@@ -70,6 +72,10 @@ pub struct RequestFacts {
     overflow: [Option<HeaderValue>; OVERFLOW_SLOTS],
     pub(crate) authorization: Option<HeaderValue>,
     pub(crate) forwarded_for: Option<HeaderValue>,
+    /// Further `X-Forwarded-For` lines, the last few (a proxy may append a
+    /// line of its own rather than extend the first; rare, so no allocation
+    /// otherwise).
+    forwarded_for_more: Vec<HeaderValue>,
     pub(crate) has_cookie: bool,
     pub(crate) has_api_key: bool,
     /// False when the request is not known (explaining a bare response).
@@ -207,6 +213,7 @@ impl RequestFacts {
             overflow: [const { None }; OVERFLOW_SLOTS],
             authorization: None,
             forwarded_for: None,
+            forwarded_for_more: Vec::new(),
             has_cookie: false,
             has_api_key: false,
             credentials_known: true,
@@ -258,7 +265,14 @@ impl RequestFacts {
                     facts.identity_header = facts.keep(value);
                 }
             } else if want_xff && name.as_str() == "x-forwarded-for" {
-                facts.forwarded_for.get_or_insert_with(|| value.clone());
+                if facts.forwarded_for.is_none() {
+                    facts.forwarded_for = Some(value.clone());
+                } else {
+                    if facts.forwarded_for_more.len() == MAX_FORWARDED_LINES {
+                        facts.forwarded_for_more.remove(0);
+                    }
+                    facts.forwarded_for_more.push(value.clone());
+                }
             } else if config.api_key_headers().contains(name) {
                 facts.has_api_key = true;
             }
@@ -300,22 +314,33 @@ impl RequestFacts {
     /// The client address: the peer, or, when the peer is a trusted proxy, the
     /// right-most untrusted address in `X-Forwarded-For`.
     pub fn client_ip(&self, config: &Config) -> Option<IpAddr> {
-        let peer = self.peer?.ip();
+        let peer = crate::config::canonical(self.peer?.ip());
         if !config.is_trusted_proxy(peer) {
             return Some(peer);
         }
-        let Some(header) = self.forwarded_for.as_ref().and_then(|v| v.to_str().ok()) else {
-            return Some(peer);
-        };
+        // Every line, the last first: together they are one list (RFC 9110
+        // §5.3), and the right end is the part our trusted proxies wrote.
+        let lines = self
+            .forwarded_for_more
+            .iter()
+            .rev()
+            .chain(self.forwarded_for.as_ref());
         let mut client = peer;
-        for hop in header.rsplit(',').take(MAX_FORWARDED_HOPS) {
-            let Some(ip) = parse_forwarded_ip(hop.trim()) else {
-                // A hop we cannot read: stop believing the chain here.
-                break;
-            };
-            client = ip;
-            if !config.is_trusted_proxy(ip) {
-                break;
+        let mut hops = 0;
+        'chain: for line in lines {
+            let Ok(line) = line.to_str() else { break };
+            for hop in line.rsplit(',') {
+                hops += 1;
+                // A hop we cannot read, or too many: stop believing here.
+                let Some(ip) =
+                    parse_forwarded_ip(hop.trim()).filter(|_| hops <= MAX_FORWARDED_HOPS)
+                else {
+                    break 'chain;
+                };
+                client = crate::config::canonical(ip);
+                if !config.is_trusted_proxy(client) {
+                    break 'chain;
+                }
             }
         }
         Some(client)
@@ -389,6 +414,42 @@ mod tests {
         assert_eq!(f.client_ip(&c), Some("203.0.113.9".parse().unwrap()));
         let f = facts("10.1.1.1:5000", Some("1.2.3.4"), &c);
         assert_eq!(f.client_ip(&c), Some("1.2.3.4".parse().unwrap()));
+    }
+
+    fn facts_lines(peer: &str, lines: &[&str], config: &Config) -> RequestFacts {
+        let mut req = Request::builder().uri("/x");
+        for line in lines {
+            req = req.header("x-forwarded-for", *line);
+        }
+        let mut req = req.body(()).unwrap();
+        req.extensions_mut()
+            .insert(ClientAddr(peer.parse().unwrap()));
+        RequestFacts::capture(&req, config)
+    }
+
+    #[test]
+    fn forwarded_for_lines_are_one_list() {
+        let c = config("10.0.0.0/8");
+        // The client forged a line; the trusted proxy added its own after it.
+        let f = facts_lines("10.0.0.1:1", &["192.0.2.66", "203.0.113.9"], &c);
+        assert_eq!(f.client_ip(&c), Some("203.0.113.9".parse().unwrap()));
+        // A chain of trusted proxies, each with a line of its own.
+        let f = facts_lines("10.0.0.1:1", &["198.51.100.7, 10.0.0.3", "10.0.0.2"], &c);
+        assert_eq!(f.client_ip(&c), Some("198.51.100.7".parse().unwrap()));
+        // Many lines: the right end is kept, and it is what counts.
+        let mut lines = vec!["192.0.2.66"; 40];
+        lines.push("203.0.113.9");
+        let f = facts_lines("10.0.0.1:1", &lines, &c);
+        assert_eq!(f.client_ip(&c), Some("203.0.113.9".parse().unwrap()));
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_ipv4() {
+        let c = config("10.0.0.0/8");
+        let f = facts("[::ffff:192.0.2.5]:4000", None, &c);
+        assert_eq!(f.client_ip(&c), Some("192.0.2.5".parse().unwrap()));
+        let f = facts("[::ffff:10.0.0.1]:4000", Some("::ffff:198.51.100.7"), &c);
+        assert_eq!(f.client_ip(&c), Some("198.51.100.7".parse().unwrap()));
     }
 
     #[test]

@@ -123,7 +123,16 @@ pub fn denial_event(
             title: p.title,
             owner: p.owner,
         }),
-        causes: explanation.causes,
+        // Evidence quotes the path (and upstream text) the caller sent: a
+        // token in it must not reach the event.
+        causes: explanation
+            .causes
+            .into_iter()
+            .map(|mut c| {
+                c.evidence = c.evidence.into_iter().map(scrub_owned).collect();
+                c
+            })
+            .collect(),
         upstream: UpstreamRecord {
             status: explanation.status.as_u16(),
             headers: redactor.headers(upstream_headers, evidence_header),

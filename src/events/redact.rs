@@ -76,7 +76,9 @@ impl Redactor<'_> {
                 .any(|w| key.contains(w.as_str()))
     }
 
-    /// `path?query` with the values of secret-looking keys redacted.
+    /// `path?query` with the values of secret-looking keys redacted, and
+    /// token-shaped text anywhere in it (a path can carry one too:
+    /// `/invite/eyJ...`, `/hooks/xoxb-...`) replaced.
     pub fn url(&self, path: &str, query: Option<&str>) -> String {
         let mut out = clean(path, 2048);
         if let Some(query) = query {
@@ -93,7 +95,7 @@ impl Redactor<'_> {
                 .collect();
             out.push_str(&clean(&parts.join("&"), 2048));
         }
-        out
+        scrub_owned(out)
     }
 
     /// Headers worth keeping as evidence, never a secret one.
@@ -162,6 +164,13 @@ mod tests {
             "/cb?code=[redacted]&state=xyz&access_token=[redacted]&page=2"
         );
         assert_eq!(r.url("/a", None), "/a");
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl";
+        assert_eq!(
+            r.url(&format!("/invite/{jwt}/accept"), None),
+            "/invite/[redacted]/accept"
+        );
+        let slack = "xoxb-123456789012-abcdefghijkl";
+        assert!(!r.url(&format!("/hooks/{slack}"), None).contains("xoxb"));
         let words = ["tenant".to_owned()];
         let r = Redactor {
             extra_query_words: &words,

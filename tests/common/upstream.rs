@@ -172,7 +172,7 @@ async fn answer(state: Arc<UpstreamState>, mut req: Request<Incoming>) -> Respon
         // Answers without reading the request body, as many authorization
         // checks do.
         "/early-denial" => full(StatusCode::FORBIDDEN, "denied before the body was read"),
-        "/denied" => {
+        p if p == "/denied" || p.starts_with("/denied/") => {
             let mut res = full(StatusCode::FORBIDDEN, "Forbidden by upstream");
             res.headers_mut()
                 .insert("www-authenticate", "Bearer realm=\"t\"".parse().unwrap());
