@@ -5,8 +5,43 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use bytes::Bytes;
 use common::upstream;
+use http::Request;
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Bounds every wait, so a failing test fails instead of hanging.
+const GUARD: Duration = Duration::from_secs(10);
+
+/// Waits for the server to close `stream` (end of stream or reset), reading
+/// and discarding what it sent before.
+async fn closed_by_server(stream: &mut TcpStream) {
+    let mut sink = Vec::new();
+    let ended = tokio::time::timeout(GUARD, stream.read_to_end(&mut sink)).await;
+    assert!(ended.is_ok(), "the server kept the connection open");
+}
+
+/// Reads a response head, byte by byte.
+async fn head_of(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(GUARD, stream.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            other => panic!("no response head: {other:?} after {head:?}"),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+const UPGRADE: &[u8] =
+    b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+    sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
 
 /// The event of a denial, from the admin listener.
 async fn event_of(admin: SocketAddr, res: http::Response<hyper::body::Incoming>) -> String {
@@ -84,4 +119,137 @@ async fn a_token_in_the_path_does_not_reach_the_event() {
     for part in jwt.split('.') {
         assert!(!event.contains(part), "{part} in {event}");
     }
+}
+
+/// hyper's HTTP/1-or-2 detection reads the first bytes with no timeout and
+/// `header_read_timeout` starts after it: a connection that sent nothing, or
+/// the start of the HTTP/2 preface, held its `max_connections` slot for ever.
+#[tokio::test]
+async fn connections_that_send_no_request_are_closed_at_the_header_timeout() {
+    let (up, _) = upstream::start().await;
+    let p = common::start_sidecar(
+        "limits: { max_connections: 2, header_read_timeout: 300ms }\n",
+        up,
+        None,
+    )
+    .await;
+    let mut silent = TcpStream::connect(p.addr).await.unwrap();
+    let mut preface = TcpStream::connect(p.addr).await.unwrap();
+    preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    closed_by_server(&mut silent).await;
+    closed_by_server(&mut preface).await;
+    // Their slots are free again.
+    let res = tokio::time::timeout(GUARD, common::send(p.addr, common::get(p.addr, "/", &[])))
+        .await
+        .expect("a real client was not served");
+    assert_eq!(res.status(), 200);
+}
+
+/// A client that stops reading its response: hyper waits on the socket and
+/// no timer runs. The proxy now drops it once a write has waited for the
+/// idle timeout, and with it the upstream body.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_at_the_idle_timeout() {
+    let (up, state) = upstream::start().await;
+    let p = common::start_sidecar(
+        "limits: { idle_timeout: 300ms, header_read_timeout: 300ms }\n",
+        up,
+        None,
+    )
+    .await;
+    let mut client = TcpStream::connect(p.addr).await.unwrap();
+    client
+        .write_all(b"GET /endless HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Not reading: the socket buffers fill, the proxy's writes wait, it
+    // gives up and drops the upstream's endless body.
+    tokio::time::timeout(GUARD, state.endless_dropped.notified())
+        .await
+        .expect("the proxy kept writing to a client that does not read");
+    closed_by_server(&mut client).await;
+}
+
+/// An HTTP/2 connection answers keep-alive pings on its own, so it stayed up
+/// with no streams for ever; after the idle timeout it is sent away.
+#[tokio::test]
+async fn an_idle_http2_connection_is_sent_away_after_the_idle_timeout() {
+    let (up, _) = upstream::start().await;
+    let p = common::start_sidecar("limits: { idle_timeout: 300ms }\n", up, None).await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = Request::get(format!("http://{}/", p.addr))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let res = send.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    drop(res);
+    let ended = tokio::time::timeout(GUARD, conn)
+        .await
+        .expect("the idle HTTP/2 connection was kept open");
+    assert!(ended.is_ok());
+}
+
+/// After a 101, hyper's connection ends and its slot was given back while
+/// the tunnel went on: tunnels escaped `max_connections`. The slot now
+/// stays taken until the tunnel closes.
+#[tokio::test]
+async fn an_open_tunnel_keeps_its_connection_slot() {
+    let (up, _) = upstream::start().await;
+    let p = common::start_sidecar("limits: { max_connections: 1 }\n", up, None).await;
+    let mut tunnel = TcpStream::connect(p.addr).await.unwrap();
+    tunnel.write_all(UPGRADE).await.unwrap();
+    assert!(head_of(&mut tunnel).await.starts_with("HTTP/1.1 101"));
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tunnel.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping");
+    // A second client waits for the slot (not served while the tunnel is open)...
+    let mut second = tokio::spawn(common::send(p.addr, common::get(p.addr, "/", &[])));
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut second).await;
+    assert!(early.is_err(), "served while the only slot was a tunnel's");
+    // ...and is served once the tunnel closes.
+    drop(tunnel);
+    let res = tokio::time::timeout(GUARD, second).await.unwrap().unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+/// Tunnels had no timeout at all; now one that carries nothing either way
+/// for the idle timeout is closed, as nginx closes one at
+/// `proxy_read_timeout`.
+#[tokio::test]
+async fn an_idle_tunnel_is_closed_at_the_idle_timeout() {
+    let (up, _) = upstream::start().await;
+    let p = common::start_sidecar("limits: { idle_timeout: 300ms }\n", up, None).await;
+    let mut tunnel = TcpStream::connect(p.addr).await.unwrap();
+    tunnel.write_all(UPGRADE).await.unwrap();
+    assert!(head_of(&mut tunnel).await.starts_with("HTTP/1.1 101"));
+    closed_by_server(&mut tunnel).await;
+}
+
+/// Two `Host` lines were forwarded as they were: whydenied, the forwarding
+/// headers and the upstream could each believe a different host.
+#[tokio::test]
+async fn a_request_with_two_host_lines_is_refused() {
+    let (up, _) = upstream::start().await;
+    let p = common::start_sidecar("", up, None).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(
+        b"GET /echo-headers HTTP/1.1\r\nhost: a.example\r\nhost: b.example\r\naccept: text/plain\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(GUARD, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("x-denial-id"), "{text}");
+    assert!(!text.contains("b.example"), "{text}");
 }

@@ -8,6 +8,7 @@
 //! upstream connection ([`direct`]).
 
 pub mod admin;
+pub mod conn;
 pub mod demo;
 pub mod direct;
 pub mod hop;

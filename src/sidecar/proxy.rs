@@ -318,6 +318,7 @@ enum Failure {
     Timeout,
     BodyTooLarge,
     UriTooLong,
+    AmbiguousHost,
 }
 
 impl Failure {
@@ -327,6 +328,7 @@ impl Failure {
             Failure::Timeout => "timeout",
             Failure::BodyTooLarge => "body_too_large",
             Failure::UriTooLong => "uri_too_long",
+            Failure::AmbiguousHost => "ambiguous_host",
         }
     }
 }
@@ -372,8 +374,26 @@ impl Inner {
         let slot = slot.filter(|_| !upgrading && req.version() <= Version::HTTP_11);
         let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
 
+        // One host per request (RFC 9112 §3.2, RFC 9113 §8.3.1): with two,
+        // the explanation, the forwarding headers and the upstream could each
+        // believe a different one.
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let host_header = hosts.next().cloned();
+        if hosts.next().is_some() {
+            return fail(Failure::AmbiguousHost);
+        }
+        // Over HTTP/1.1 an absolute-form target wins over `Host` (RFC 9112
+        // §3.2.2); over HTTP/2 the two must agree.
+        if req.version() == Version::HTTP_2
+            && let (Some(host), Some(authority)) = (&host_header, req.uri().authority())
+            && !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        {
+            return fail(Failure::AmbiguousHost);
+        }
         let (mut parts, body) = req.into_parts();
-        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        let host = host_header.or_else(|| {
             parts
                 .uri
                 .authority()
@@ -451,17 +471,14 @@ impl Inner {
             && let Some(client_upgrade) = client_upgrade
         {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let idle = limits.idle_timeout;
             tokio::spawn(async move {
                 let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await)
                 else {
                     tracing::debug!(target: "whydenied", "an upgrade was not completed");
                     return;
                 };
-                let _ = tokio::io::copy_bidirectional(
-                    &mut TokioIo::new(client),
-                    &mut TokioIo::new(upstream),
-                )
-                .await;
+                super::conn::tunnel(TokioIo::new(client), TokioIo::new(upstream), idle).await;
             });
             let (mut parts, body) = response.into_parts();
             hop::strip_hop_by_hop(&mut parts.headers, true);
@@ -551,6 +568,13 @@ fn failure(f: Failure, accept: Option<&HeaderValue>, head: bool) -> Response<Pro
             "The request URL is too long",
             "The request URL is longer than this service accepts.",
             "Shorten the URL, for example by moving parameters into a request body.",
+            None,
+        ),
+        Failure::AmbiguousHost => (
+            StatusCode::BAD_REQUEST,
+            "The request names more than one host",
+            "The request carries more than one Host header, or a Host header that differs from the host in its URL, so it is not clear which service it is for.",
+            "Send the request with one Host header.",
             None,
         ),
     };

@@ -6,18 +6,22 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
+use bytes::Bytes;
+use http::{Request, Response, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant as TokioInstant;
 use tower_service::Service;
+
+use super::conn::{Activity, Conn, Counted, Deadlines, Verdict, Watched};
 
 use crate::config::Limits;
 
@@ -47,8 +51,7 @@ pub async fn serve<M, S, B>(
         + Send
         + 'static,
     S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
+    B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let limits = settings.limits;
@@ -70,9 +73,14 @@ pub async fn serve<M, S, B>(
         .keep_alive_timeout(Duration::from_secs(20))
         .max_concurrent_streams(Some(256));
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let record = settings.record_metrics;
+    let deadlines = Deadlines {
+        first_request: limits.header_read_timeout,
+        idle: limits.idle_timeout,
+    };
+    // Tells every connection to wind down (graceful shutdown).
+    let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
 
     loop {
@@ -99,34 +107,29 @@ pub async fn serve<M, S, B>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let state = Conn::new(permit, record);
         let service = make_service(peer);
-        let per_request = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let mut service = service.clone();
-            async move {
-                let start = record.then(Instant::now);
-                let response = service.call(req).await;
-                if let (Some(start), Ok(res)) = (start, &response) {
-                    record_request(res.status().as_u16(), start.elapsed());
+        let per_request = {
+            let state = state.clone();
+            hyper::service::service_fn(move |req: Request<Incoming>| {
+                let stream = state.begin(req.version() == Version::HTTP_2);
+                let mut service = service.clone();
+                async move {
+                    let start = record.then(Instant::now);
+                    let response = service.call(req).await;
+                    if let (Some(start), Ok(res)) = (start, &response) {
+                        record_request(res.status().as_u16(), start.elapsed());
+                    }
+                    response.map(|res| res.map(|body| Counted::new(body, stream)))
                 }
-                response
-            }
-        });
+            })
+        };
+        let io = Watched::new(TokioIo::new(stream), state.clone());
         let builder = builder.clone();
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), per_request)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        if record {
-            metrics::gauge!("whydenied_open_connections").increment(1.0);
-        }
+        let stopping = stopping.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(target: "whydenied", peer = %peer, error = %e, "connection ended with an error");
-            }
-            if record {
-                metrics::gauge!("whydenied_open_connections").decrement(1.0);
-            }
-            drop(permit);
+            let conn = builder.serve_connection_with_upgrades(io, per_request);
+            supervise(conn, &state, deadlines, stopping, peer).await;
         });
     }
 
@@ -137,11 +140,96 @@ pub async fn serve<M, S, B>(
         grace_seconds = limits.shutdown_grace.as_secs_f64(),
         "stopped accepting; waiting for in-flight requests"
     );
-    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+    let _ = stop.send(true);
+    // Every slot back means every connection (and upgraded tunnel) is gone.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(limits.shutdown_grace, slots.acquire_many(all))
         .await
         .is_err()
     {
         tracing::warn!(target: "whydenied", listener = settings.name, "grace period over; closing the remaining connections");
+    }
+}
+
+/// Drives one connection to its end, applying what hyper's own timers do not
+/// (see [`super::conn`]) and winding it down when the listener stops.
+async fn supervise<C>(
+    conn: C,
+    state: &Conn,
+    deadlines: Deadlines,
+    mut stopping: watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Winding,
+{
+    tokio::pin!(conn);
+    let opened = TokioInstant::now();
+    let mut activity = Activity::new(opened);
+    let first = match state.check(opened, &mut activity, deadlines) {
+        Verdict::CheckAt(at) => at,
+        _ => opened,
+    };
+    let deadline = tokio::time::sleep_until(first);
+    tokio::pin!(deadline);
+    // Whether the connection was asked to go: by shutdown, or for idleness.
+    let mut stop_asked = false;
+    let mut wound = false;
+    loop {
+        tokio::select! {
+            biased;
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(target: "whydenied", peer = %peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stopping.changed(), if !stop_asked => {
+                stop_asked = true;
+                if !wound {
+                    conn.as_mut().wind();
+                    wound = true;
+                }
+            }
+            () = &mut deadline => {
+                let now = TokioInstant::now();
+                match state.check(now, &mut activity, deadlines) {
+                    Verdict::CheckAt(at) => deadline.as_mut().reset(at),
+                    Verdict::Wind if !wound => {
+                        conn.as_mut().wind();
+                        wound = true;
+                        deadline.as_mut().reset(now + deadlines.idle);
+                    }
+                    Verdict::Wind => {
+                        tracing::debug!(target: "whydenied", peer = %peer, "closing an idle HTTP/2 connection that did not leave after GOAWAY");
+                        return;
+                    }
+                    Verdict::Close(why) => {
+                        tracing::debug!(target: "whydenied", peer = %peer, reason = why, "closing a connection");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A connection that can be asked to finish what it has and close.
+trait Winding {
+    fn wind(self: Pin<&mut Self>);
+}
+
+impl<I, S, E> Winding for hyper_util::server::conn::auto::UpgradeableConnection<'_, I, S, E>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming>,
+    S::Future: 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: Body + Send + 'static,
+    <S::ResBody as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn wind(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
 

@@ -25,6 +25,31 @@ pub struct UpstreamState {
     pub slow_arrived: Notify,
     /// The /slow response waits for this.
     pub release_slow: Notify,
+    /// Notified when an /endless body is dropped (its reader went away).
+    pub endless_dropped: Notify,
+}
+
+/// The body of `/endless`: 16 KiB chunks for ever, telling the state when
+/// it is dropped.
+struct Endless(Arc<UpstreamState>);
+
+impl Body for Endless {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+            &[b'x'; 16 * 1024],
+        )))))
+    }
+}
+
+impl Drop for Endless {
+    fn drop(&mut self) {
+        self.0.endless_dropped.notify_one();
+    }
 }
 
 /// The deterministic body of `/bytes`.
@@ -133,6 +158,7 @@ async fn answer(state: Arc<UpstreamState>, mut req: Request<Incoming>) -> Respon
             full(StatusCode::OK, "slow but complete")
         }
         "/hang" => std::future::pending().await,
+        "/endless" => Response::new(Endless(state.clone()).boxed()),
         "/stalled" => Response::new(Stalling(false).boxed()),
         "/stalled-denial" => {
             let mut res = Response::new(Stalling(false).boxed());
