@@ -29,26 +29,24 @@ pub struct UpstreamState {
     pub endless_dropped: Notify,
 }
 
-/// The body of `/endless`: 16 KiB chunks for ever, telling the state when
-/// it is dropped.
-struct Endless(Arc<UpstreamState>);
+/// The body of `/endless`: [`super::EndlessBody`], telling the state when it
+/// is dropped.
+struct Endless(super::EndlessBody, Arc<UpstreamState>);
 
 impl Body for Endless {
     type Data = Bytes;
     type Error = Infallible;
     fn poll_frame(
-        self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
-            &[b'x'; 16 * 1024],
-        )))))
+        Pin::new(&mut self.0).poll_frame(cx)
     }
 }
 
 impl Drop for Endless {
     fn drop(&mut self) {
-        self.0.endless_dropped.notify_one();
+        self.1.endless_dropped.notify_one();
     }
 }
 
@@ -158,7 +156,12 @@ async fn answer(state: Arc<UpstreamState>, mut req: Request<Incoming>) -> Respon
             full(StatusCode::OK, "slow but complete")
         }
         "/hang" => std::future::pending().await,
-        "/endless" => Response::new(Endless(state.clone()).boxed()),
+        "/endless" => {
+            let body = super::EndlessBody {
+                produced: Arc::default(),
+            };
+            Response::new(Endless(body, state.clone()).boxed())
+        }
         "/stalled" => Response::new(Stalling(false).boxed()),
         "/stalled-denial" => {
             let mut res = Response::new(Stalling(false).boxed());
