@@ -90,8 +90,8 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "schema", derive(JsonSchema))]
 pub struct RawLimits {
-    /// Time a client has to send a request's headers (against slowloris).
-    /// Default `10s`.
+    /// Time a client has to send a request's headers (against slowloris),
+    /// counted from accept for a connection's first request. Default `10s`.
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
     pub header_read_timeout: Option<S<String>>,
@@ -124,12 +124,14 @@ pub struct RawLimits {
     /// How long an idle connection is kept, to the client and to the
     /// upstream, and how long an upstream body may send nothing before the
     /// proxy gives up on it (a stalled denial body is then explained with what
-    /// was read). Default `60s`.
+    /// was read). Also: how long a client may leave its response unread, an
+    /// HTTP/2 connection may stay without streams (then GOAWAY), and an
+    /// upgraded tunnel may carry nothing either way. Default `60s`.
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
     pub idle_timeout: Option<S<String>>,
-    /// Most client connections open at once; more wait to be accepted.
-    /// Default 4096.
+    /// Most client connections open at once, upgraded tunnels included;
+    /// more wait to be accepted. Default 4096.
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(with = "Option<u32>"))]
     pub max_connections: Option<S<u32>>,
