@@ -49,28 +49,36 @@ pub struct ClientLimiter {
 }
 
 impl ClientLimiter {
-    /// Whether `client` may escalate now; counts the attempt if so.
-    fn allow(&self, client: &str, count: u32, within: Duration, now: Instant) -> bool {
+    /// Whether every one of `clients` may escalate now; counts the attempt
+    /// against each if so.
+    fn allow(&self, clients: &[&str], count: u32, within: Duration, now: Instant) -> bool {
         let Ok(mut seen) = self.seen.lock() else {
             return false;
         };
-        if seen.len() >= MAX_CLIENTS && !seen.contains_key(client) {
+        let new = clients.iter().filter(|c| !seen.contains_key(**c)).count();
+        if new > 0 && seen.len() + new > MAX_CLIENTS {
             seen.retain(|_, hits| hits.back().is_some_and(|t| now.duration_since(*t) < within));
-            if seen.len() >= MAX_CLIENTS {
+            if seen.len() + new > MAX_CLIENTS {
                 return false;
             }
         }
-        let hits = seen.entry(client.to_owned()).or_default();
-        while hits
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= within)
-        {
-            hits.pop_front();
+        for client in clients {
+            let hits = seen.entry((*client).to_owned()).or_default();
+            while hits
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= within)
+            {
+                hits.pop_front();
+            }
+            if hits.len() >= count as usize {
+                return false;
+            }
         }
-        if hits.len() >= count as usize {
-            return false;
+        for client in clients {
+            if let Some(hits) = seen.get_mut(*client) {
+                hits.push_back(now);
+            }
         }
-        hits.push_back(now);
         true
     }
 }
@@ -183,8 +191,16 @@ where
             format,
         );
     }
+    // Per caller, and per address too: an identity can be a claim of an
+    // unverified token, so one client could otherwise escalate as many
+    // names as it can make up.
+    let address = facts.client_ip(&config).map(|ip| format!("ip:{ip}"));
+    let mut keys = vec![client.as_str()];
+    if let Some(address) = address.as_deref().filter(|a| *a != client) {
+        keys.push(address);
+    }
     if !recorder.limiter.allow(
-        &client,
+        &keys,
         settings.per_client_count,
         settings.per_client_within,
         Instant::now(),
@@ -361,10 +377,25 @@ mod tests {
         let l = ClientLimiter::default();
         let t = Instant::now();
         let w = Duration::from_secs(60);
-        assert!(l.allow("a", 2, w, t));
-        assert!(l.allow("a", 2, w, t));
-        assert!(!l.allow("a", 2, w, t));
-        assert!(l.allow("b", 2, w, t));
-        assert!(l.allow("a", 2, w, t + Duration::from_secs(61)));
+        assert!(l.allow(&["a"], 2, w, t));
+        assert!(l.allow(&["a"], 2, w, t));
+        assert!(!l.allow(&["a"], 2, w, t));
+        assert!(l.allow(&["b"], 2, w, t));
+        assert!(l.allow(&["a"], 2, w, t + Duration::from_secs(61)));
+    }
+
+    #[test]
+    fn made_up_names_from_one_address_share_its_limit() {
+        let l = ClientLimiter::default();
+        let t = Instant::now();
+        let w = Duration::from_secs(60);
+        assert!(l.allow(&["identity:x1", "ip:192.0.2.1"], 2, w, t));
+        assert!(l.allow(&["identity:x2", "ip:192.0.2.1"], 2, w, t));
+        // A third name from the same address: the address's limit holds, and
+        // the refused attempt is counted against nobody.
+        assert!(!l.allow(&["identity:x3", "ip:192.0.2.1"], 2, w, t));
+        assert!(l.allow(&["identity:x3", "ip:192.0.2.2"], 2, w, t));
+        assert!(l.allow(&["identity:x3", "ip:192.0.2.3"], 2, w, t));
+        assert!(!l.allow(&["identity:x3", "ip:192.0.2.4"], 2, w, t));
     }
 }

@@ -253,3 +253,31 @@ async fn a_request_with_two_host_lines_is_refused() {
     assert!(text.contains("x-denial-id"), "{text}");
     assert!(!text.contains("b.example"), "{text}");
 }
+
+/// The identity header says who a trusted proxy authenticated. From a client
+/// that reached the proxy directly it is a claim: the layer ignored it, but
+/// the upstream still received it.
+#[tokio::test]
+async fn an_identity_header_from_an_untrusted_client_does_not_reach_the_upstream() {
+    let (up, _) = upstream::start().await;
+    let yaml = "identity: { header: x-forwarded-user }\n";
+    let direct = common::start_sidecar(yaml, up, None).await;
+    let claimed = [("x-forwarded-user", "admin")];
+    let res = common::send(
+        direct.addr,
+        common::get(direct.addr, "/echo-headers", &claimed),
+    )
+    .await;
+    let seen: serde_json::Value = serde_json::from_str(&common::text(res).await).unwrap();
+    assert!(seen.get("x-forwarded-user").is_none(), "{seen}");
+    // From a trusted proxy it is passed on.
+    let trusted = format!("{yaml}trusted_proxies: [127.0.0.0/8]\n");
+    let behind = common::start_sidecar(&trusted, up, None).await;
+    let res = common::send(
+        behind.addr,
+        common::get(behind.addr, "/echo-headers", &claimed),
+    )
+    .await;
+    let seen: serde_json::Value = serde_json::from_str(&common::text(res).await).unwrap();
+    assert_eq!(seen["x-forwarded-user"][0], "admin", "{seen}");
+}

@@ -407,11 +407,18 @@ impl Inner {
         {
             parts.headers.insert(header::HOST, host.clone());
         }
+        let trusted = config.is_trusted_proxy(peer.ip());
+        // The identity header says who a trusted proxy authenticated; from
+        // anyone else it is a claim the upstream must not see either (the
+        // layer already ignores it).
+        if !trusted && let Some(name) = config.identity_header() {
+            parts.headers.remove(name);
+        }
         hop::set_forwarding(
             &mut parts.headers,
             &Hop {
                 peer,
-                trusted: config.is_trusted_proxy(peer.ip()),
+                trusted,
                 proto: "http",
                 host,
             },
