@@ -281,3 +281,44 @@ async fn an_identity_header_from_an_untrusted_client_does_not_reach_the_upstream
     let seen: serde_json::Value = serde_json::from_str(&common::text(res).await).unwrap();
     assert_eq!(seen["x-forwarded-user"][0], "admin", "{seen}");
 }
+
+/// HTTP/2 requests go upstream through the shared pool, one upstream
+/// connection each: without a cap, a few clients with many streams each
+/// opened upstream connections until file descriptors ran out. They are now
+/// capped at `max_connections` in flight.
+#[tokio::test]
+async fn pooled_upstream_requests_are_capped() {
+    let (up, state) = upstream::start().await;
+    let p = common::start_sidecar("limits: { max_connections: 1 }\n", up, None).await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let get = |path: &str| {
+        let mut send = send.clone();
+        let req = Request::get(format!("http://{}{path}", p.addr))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        tokio::spawn(async move { send.send_request(req).await.unwrap().status() })
+    };
+    let slow = get("/slow");
+    tokio::time::timeout(GUARD, state.slow_arrived.notified())
+        .await
+        .unwrap();
+    // The one place is taken by /slow: the next request waits for it...
+    let mut next = get("/");
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut next).await;
+    assert!(early.is_err(), "a second pooled request went upstream");
+    // ...and goes once /slow is done.
+    state.release_slow.notify_one();
+    assert_eq!(
+        tokio::time::timeout(GUARD, slow).await.unwrap().unwrap(),
+        200
+    );
+    assert_eq!(
+        tokio::time::timeout(GUARD, next).await.unwrap().unwrap(),
+        200
+    );
+}

@@ -55,6 +55,11 @@ pub struct Proxy {
 
 struct Inner {
     client: UpstreamClient,
+    // Requests in flight through the pool (HTTP/2 clients, upgrades, TLS
+    // upstreams), each on an upstream connection of its own: capped like
+    // client connections, so a few HTTP/2 clients with many streams each
+    // cannot open upstream connections without end.
+    pooled: Arc<tokio::sync::Semaphore>,
     config: ConfigHandle,
     upstream: Upstream,
     // How downstream HTTP/1 connections open an upstream connection of
@@ -125,6 +130,7 @@ impl Proxy {
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
+                pooled: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
                 config,
                 upstream,
                 direct,
@@ -163,6 +169,8 @@ pin_project! {
             // (not a pooled one), and where it goes once the body is read.
             link: Option<Link>,
             slot: Option<Slot>,
+            // A pooled request's place under the cap, until its body ends.
+            pooled: Option<tokio::sync::OwnedSemaphorePermit>,
         },
         /// Made by the proxy (an explained failure).
         Local { #[pin] body: Full<Bytes> },
@@ -174,7 +182,11 @@ type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ProxyBody {
     /// The upstream's body, failing if it sends nothing for `timeout`.
-    fn upstream(body: Incoming, timeout: Duration) -> Self {
+    fn upstream(
+        body: Incoming,
+        timeout: Duration,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Self {
         ProxyBody::Upstream {
             body,
             idle: tokio::time::sleep(timeout),
@@ -182,6 +194,7 @@ impl ProxyBody {
             armed: false,
             link: None,
             slot: None,
+            pooled: Some(permit),
         }
     }
 
@@ -202,6 +215,7 @@ impl ProxyBody {
             armed: false,
             link,
             slot: Some(slot),
+            pooled: None,
         }
     }
 }
@@ -232,6 +246,7 @@ impl Body for ProxyBody {
                 armed,
                 link,
                 slot,
+                pooled: _,
             } => {
                 // The connection first: it is what moves the body's bytes.
                 if let Some(l) = link
@@ -463,15 +478,16 @@ impl Inner {
         parts.uri = uri;
         let outbound = Request::from_parts(parts, Limited::new(body, limit));
 
-        let response = tokio::time::timeout(
-            limits.upstream_response_timeout,
-            self.client.request(outbound),
-        )
-        .await;
-        let mut response = match response {
+        let exchange = async {
+            let permit = self.pooled.clone().acquire_owned().await;
+            (permit, self.client.request(outbound).await)
+        };
+        let response = tokio::time::timeout(limits.upstream_response_timeout, exchange).await;
+        let (permit, mut response) = match response {
             Err(_elapsed) => return fail(Failure::Timeout),
-            Ok(Err(e)) => return fail(classify(&e)),
-            Ok(Ok(response)) => response,
+            Ok((_, Err(e))) => return fail(classify(&e)),
+            Ok((Err(_closed), _)) => return fail(Failure::Refused),
+            Ok((Ok(permit), Ok(response))) => (permit, response),
         };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -489,12 +505,18 @@ impl Inner {
             });
             let (mut parts, body) = response.into_parts();
             hop::strip_hop_by_hop(&mut parts.headers, true);
-            return Response::from_parts(parts, ProxyBody::upstream(body, limits.idle_timeout));
+            return Response::from_parts(
+                parts,
+                ProxyBody::upstream(body, limits.idle_timeout, permit),
+            );
         }
 
         let (mut parts, body) = response.into_parts();
         upstream_head(&mut parts);
-        Response::from_parts(parts, ProxyBody::upstream(body, limits.idle_timeout))
+        Response::from_parts(
+            parts,
+            ProxyBody::upstream(body, limits.idle_timeout, permit),
+        )
     }
 }
 

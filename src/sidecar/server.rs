@@ -71,7 +71,7 @@ pub async fn serve<M, S, B>(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(limits.idle_timeout))
         .keep_alive_timeout(Duration::from_secs(20))
-        .max_concurrent_streams(Some(256));
+        .max_concurrent_streams(Some(128));
     let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let record = settings.record_metrics;
