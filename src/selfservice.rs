@@ -83,6 +83,39 @@ impl ClientLimiter {
     }
 }
 
+/// Longest a self-service note may take to arrive.
+#[cfg(feature = "sinks")]
+const NOTE_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why a note could not be read.
+enum NoteError {
+    TooLong,
+    Unreadable,
+    #[cfg(feature = "sinks")]
+    TooSlow,
+}
+
+/// The request body, up to `limit` bytes.
+async fn read_note<B: Body>(body: B, limit: usize) -> Result<Vec<u8>, NoteError> {
+    let mut body = std::pin::pin!(body);
+    let mut raw = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| NoteError::Unreadable)?;
+        if let Ok(mut data) = frame.into_data() {
+            if raw.len() + data.remaining() > limit {
+                return Err(NoteError::TooLong);
+            }
+            while data.has_remaining() {
+                let chunk = data.chunk();
+                raw.extend_from_slice(chunk);
+                let n = chunk.len();
+                data.advance(n);
+            }
+        }
+    }
+    Ok(raw)
+}
+
 fn refuse(
     status: StatusCode,
     title: &str,
@@ -235,10 +268,19 @@ where
             format,
         )
     };
-    let mut body = std::pin::pin!(req.into_body());
-    let mut raw = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else {
+    let read = read_note(req.into_body(), limit);
+    // A client that sends its note slowly must not hold the request for
+    // ever (the sidecar's own limits do not cover a body the layer reads).
+    #[cfg(feature = "sinks")]
+    let read = async {
+        tokio::time::timeout(NOTE_READ_TIMEOUT, read)
+            .await
+            .unwrap_or(Err(NoteError::TooSlow))
+    };
+    let raw = match read.await {
+        Ok(raw) => raw,
+        Err(NoteError::TooLong) => return too_long(),
+        Err(NoteError::Unreadable) => {
             return refuse(
                 StatusCode::BAD_REQUEST,
                 "Unreadable request",
@@ -246,19 +288,18 @@ where
                 &id,
                 format,
             );
-        };
-        if let Ok(mut data) = frame.into_data() {
-            if raw.len() + data.remaining() > limit {
-                return too_long();
-            }
-            while data.has_remaining() {
-                let chunk = data.chunk();
-                raw.extend_from_slice(chunk);
-                let n = chunk.len();
-                data.advance(n);
-            }
         }
-    }
+        #[cfg(feature = "sinks")]
+        Err(NoteError::TooSlow) => {
+            return refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                "Request too slow",
+                "The note did not arrive in time. Send it again.",
+                &id,
+                format,
+            );
+        }
+    };
     let Some(note) = note_of(&content_type, &raw) else {
         return refuse(
             StatusCode::BAD_REQUEST,
