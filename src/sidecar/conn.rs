@@ -19,11 +19,14 @@
 //! WebSocket tunnel) keeps the slot until the tunnel closes, because the
 //! tunnel holds the I/O that holds the record.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::task::{Context, Poll};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -309,6 +312,81 @@ impl<B: Body<Data = Bytes>> Body for Counted<B> {
     }
 }
 
+/// Tells a listener's connections to wind down, without a lock or a shared
+/// waiter list on the request path: each connection's task leaves its waker
+/// here once, and checks one flag when it is polled.
+#[derive(Default)]
+pub struct Stopping {
+    stopped: AtomicBool,
+    next: AtomicU64,
+    waiting: Mutex<HashMap<u64, Waker>>,
+}
+
+impl Stopping {
+    /// Sets the flag and wakes every connection task that is waiting.
+    pub fn stop(&self) {
+        self.stopped.store(true, SeqCst);
+        let waiting = match self.waiting.lock() {
+            Ok(mut waiting) => std::mem::take(&mut *waiting),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        for waker in waiting.into_values() {
+            waker.wake();
+        }
+    }
+
+    /// Whether [`Stopping::stop`] was called.
+    #[inline]
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Relaxed)
+    }
+
+    /// Leaves the calling task's waker, until the returned guard is dropped.
+    pub async fn register(self: &Arc<Self>) -> Registered {
+        let id = self.next.fetch_add(1, Relaxed);
+        std::future::poll_fn(|cx| {
+            if let Ok(mut waiting) = self.waiting.lock() {
+                waiting.insert(id, cx.waker().clone());
+            }
+            Poll::Ready(())
+        })
+        .await;
+        // A stop between the flag and the insert: the task sees the flag
+        // itself when it next checks it, which it does before waiting.
+        Registered {
+            stopping: self.clone(),
+            id,
+        }
+    }
+}
+
+/// A task's place in [`Stopping`].
+pub struct Registered {
+    stopping: Arc<Stopping>,
+    id: u64,
+}
+
+impl Registered {
+    /// Ready once the listener stops.
+    pub fn stopped(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|_| {
+            if self.stopping.is_stopped() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Ok(mut waiting) = self.stopping.waiting.lock() {
+            waiting.remove(&self.id);
+        }
+    }
+}
+
 /// Relays an upgraded connection (a WebSocket, say) both ways until either
 /// side closes or nothing moves either way for `idle`, as nginx's
 /// `proxy_read_timeout` does for tunnels. The client side holds the
@@ -478,6 +556,30 @@ mod tests {
             c.check(later, &mut seen, LIMITS),
             Verdict::CheckAt(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn stopping_wakes_the_registered_tasks() {
+        let stopping = Arc::new(Stopping::default());
+        let (ready, registered_now) = tokio::sync::oneshot::channel();
+        let waiting = {
+            let stopping = stopping.clone();
+            tokio::spawn(async move {
+                let registered = stopping.register().await;
+                let _ = ready.send(());
+                registered.stopped().await;
+            })
+        };
+        // Once the task has registered, stop must wake it.
+        registered_now.await.unwrap();
+        stopping.stop();
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the task was not woken")
+            .unwrap();
+        // A task that registers after the stop sees it at once.
+        let late = stopping.register().await;
+        late.stopped().await;
     }
 
     #[test]

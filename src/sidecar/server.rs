@@ -17,11 +17,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio::time::Instant as TokioInstant;
 use tower_service::Service;
 
-use super::conn::{Activity, Conn, Counted, Deadlines, Verdict, Watched};
+use super::conn::{Activity, Conn, Counted, Deadlines, Stopping, Verdict, Watched};
 
 use crate::config::Limits;
 
@@ -80,7 +80,7 @@ pub async fn serve<M, S, B>(
         idle: limits.idle_timeout,
     };
     // Tells every connection to wind down (graceful shutdown).
-    let (stop, stopping) = watch::channel(false);
+    let stopping = Arc::new(Stopping::default());
     tokio::pin!(shutdown);
 
     loop {
@@ -140,7 +140,7 @@ pub async fn serve<M, S, B>(
         grace_seconds = limits.shutdown_grace.as_secs_f64(),
         "stopped accepting; waiting for in-flight requests"
     );
-    let _ = stop.send(true);
+    stopping.stop();
     // Every slot back means every connection (and upgraded tunnel) is gone.
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     if tokio::time::timeout(limits.shutdown_grace, slots.acquire_many(all))
@@ -157,12 +157,13 @@ async fn supervise<C>(
     conn: C,
     state: &Conn,
     deadlines: Deadlines,
-    mut stopping: watch::Receiver<bool>,
+    stopping: Arc<Stopping>,
     peer: SocketAddr,
 ) where
     C: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Winding,
 {
     tokio::pin!(conn);
+    let stopping = stopping.register().await;
     let opened = TokioInstant::now();
     let mut activity = Activity::new(opened);
     let first = match state.check(opened, &mut activity, deadlines) {
@@ -183,7 +184,7 @@ async fn supervise<C>(
                 }
                 return;
             }
-            _ = stopping.changed(), if !stop_asked => {
+            () = stopping.stopped(), if !stop_asked => {
                 stop_asked = true;
                 if !wound {
                     conn.as_mut().wind();
