@@ -291,11 +291,13 @@ impl RequestFacts {
         pq.split_once('?').map_or(pq, |(p, _)| p)
     }
 
-    /// The requested host without its port, from `Host` or the URI authority.
+    /// The requested host without its port: the URI's authority when there
+    /// is one (HTTP/2, and an HTTP/1.1 absolute-form target, which wins over
+    /// `Host`: RFC 9112 §3.2.2), else `Host`.
     pub fn host(&self) -> Option<&str> {
-        let raw = match self.host {
-            Fact::Absent => self.text(self.authority)?,
-            host => self.text(host)?,
+        let raw = match self.authority {
+            Fact::Absent => self.text(self.host)?,
+            authority => self.text(authority)?,
         };
         Some(strip_port(raw))
     }

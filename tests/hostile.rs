@@ -191,7 +191,38 @@ async fn an_idle_http2_connection_is_sent_away_after_the_idle_timeout() {
     let ended = tokio::time::timeout(GUARD, conn)
         .await
         .expect("the idle HTTP/2 connection was kept open");
-    assert!(ended.is_ok());
+    // Sent away (GOAWAY, then a clean close), not cut off.
+    assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+}
+
+/// An HTTP/2 client that grants no flow-control window stops hyper from
+/// asking the response body for data: nothing is written, no timer runs,
+/// and the stream held its upstream connection (and a place under the
+/// pooled cap) for ever. A response not asked for data for twice the idle
+/// timeout now closes the connection.
+#[tokio::test]
+async fn an_http2_response_the_client_never_reads_is_dropped() {
+    let (up, state) = upstream::start().await;
+    let p = common::start_sidecar("limits: { idle_timeout: 300ms }\n", up, None).await;
+    let stream = TcpStream::connect(p.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = Request::get(format!("http://{}/endless", p.addr))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    // The response is never read: the client's window fills and stays full.
+    let _unread = send.send_request(req).await.unwrap();
+    tokio::time::timeout(GUARD, state.endless_dropped.notified())
+        .await
+        .expect("the stalled stream kept its upstream body");
+    tokio::time::timeout(GUARD, conn)
+        .await
+        .expect("the connection of the stalled stream was kept open")
+        .unwrap()
+        .ok();
 }
 
 /// After a 101, hyper's connection ends and its slot was given back while
@@ -289,7 +320,12 @@ async fn an_identity_header_from_an_untrusted_client_does_not_reach_the_upstream
 #[tokio::test]
 async fn pooled_upstream_requests_are_capped() {
     let (up, state) = upstream::start().await;
-    let p = common::start_sidecar("limits: { max_connections: 1 }\n", up, None).await;
+    let p = common::start_sidecar(
+        "limits: { max_connections: 1, upstream_connect_timeout: 300ms }\n",
+        up,
+        None,
+    )
+    .await;
     let stream = TcpStream::connect(p.addr).await.unwrap();
     let (send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
@@ -307,18 +343,48 @@ async fn pooled_upstream_requests_are_capped() {
     tokio::time::timeout(GUARD, state.slow_arrived.notified())
         .await
         .unwrap();
-    // The one place is taken by /slow: the next request waits for it...
-    let mut next = get("/");
-    let early = tokio::time::timeout(Duration::from_millis(300), &mut next).await;
-    assert!(early.is_err(), "a second pooled request went upstream");
-    // ...and goes once /slow is done.
+    // The one place is taken by /slow: the next request waits for it, as
+    // long as a connection may take, then is told the proxy is busy...
+    let next = get("/");
+    assert_eq!(
+        tokio::time::timeout(GUARD, next).await.unwrap().unwrap(),
+        503
+    );
+    // ...and once /slow is done, requests go again.
     state.release_slow.notify_one();
     assert_eq!(
         tokio::time::timeout(GUARD, slow).await.unwrap().unwrap(),
         200
     );
     assert_eq!(
-        tokio::time::timeout(GUARD, next).await.unwrap().unwrap(),
+        tokio::time::timeout(GUARD, get("/"))
+            .await
+            .unwrap()
+            .unwrap(),
         200
     );
+}
+
+/// An absolute-form target names the host; a `Host` line that says another
+/// is ignored (RFC 9112 §3.2.2), by whydenied and the upstream alike.
+#[tokio::test]
+async fn an_absolute_form_target_wins_over_host() {
+    let (up, _) = upstream::start().await;
+    let p = common::start_sidecar("", up, None).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(
+        b"GET http://a.example/echo-headers HTTP/1.1\r\nhost: b.example\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(GUARD, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(seen["host"][0], "a.example", "{seen}");
+    assert_eq!(seen["x-forwarded-host"][0], "a.example", "{seen}");
 }

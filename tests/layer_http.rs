@@ -331,6 +331,9 @@ async fn reflected_values_come_out_inert() {
     // and a hostile Host and identity header.
     let path = "/reflect/%3Cscript%3Ealert(1)%3C/script%3E";
     let mut req = request(addr, path, &accept);
+    // In origin form, so that `Host` is what names the host (an
+    // absolute-form target's authority would win over it).
+    *req.uri_mut() = path.parse().unwrap();
     req.headers_mut()
         .insert("host", "x\"><script>alert(2)</script>".parse().unwrap());
     req.headers_mut().insert(

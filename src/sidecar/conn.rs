@@ -44,6 +44,9 @@ pub struct Conn {
     h2: AtomicBool,
     /// HTTP/2 responses whose body has not ended yet.
     open_streams: AtomicUsize,
+    /// When each HTTP/2 response body was last asked for data (see
+    /// [`StreamGuard`]); HTTP/2 only, so no lock on the HTTP/1 path.
+    streams: Mutex<Vec<std::sync::Weak<AtomicU64>>>,
     /// Milliseconds after `opened` at which a write began to wait for the
     /// client to read, plus one (0: no write is waiting).
     write_blocked_at: AtomicU64,
@@ -100,6 +103,7 @@ impl Conn {
             requests: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             open_streams: AtomicUsize::new(0),
+            streams: Mutex::new(Vec::new()),
             write_blocked_at: AtomicU64::new(0),
             record_metrics,
             _slot: slot,
@@ -118,7 +122,19 @@ impl Conn {
         // HTTP/2 requests may be handled on several tasks at once.
         self.h2.store(true, Relaxed);
         self.open_streams.fetch_add(1, Relaxed);
-        Some(StreamGuard(self.clone()))
+        // 0 until the response is ready: waiting for the upstream's answer is
+        // bounded by `upstream_response_timeout`, not by this.
+        let polled = Arc::new(AtomicU64::new(0));
+        if let Ok(mut streams) = self.streams.lock() {
+            if streams.len() >= 16 && streams.len() > 2 * self.open_streams.load(Relaxed) {
+                streams.retain(|s| s.strong_count() > 0);
+            }
+            streams.push(Arc::downgrade(&polled));
+        }
+        Some(StreamGuard {
+            conn: self.clone(),
+            polled,
+        })
     }
 
     /// Requests begun so far.
@@ -149,13 +165,40 @@ impl Conn {
                 return Verdict::Close("the client did not read its response for the idle timeout");
             }
         }
-        if requests != activity.requests || self.open_streams.load(Relaxed) > 0 {
+        let streams = self.open_streams.load(Relaxed);
+        if streams > 0 && self.stalled_stream(now, limits.idle * 2) {
+            return Verdict::Close("an HTTP/2 response was not read for twice the idle timeout");
+        }
+        if requests != activity.requests || streams > 0 {
             *activity = Activity { requests, at: now };
         }
         if self.h2.load(Relaxed) && now.saturating_duration_since(activity.at) >= limits.idle {
             return Verdict::Wind;
         }
         Verdict::CheckAt(next)
+    }
+
+    /// Whether an HTTP/2 response body has not been asked for data for
+    /// `limit`: the client is not granting flow-control window (a slow
+    /// upstream makes the body's own idle timeout fire first, at half that).
+    fn stalled_stream(&self, now: Instant, limit: Duration) -> bool {
+        let Ok(streams) = self.streams.lock() else {
+            return false;
+        };
+        streams
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .any(|polled| {
+                let at = polled.load(Relaxed);
+                at != 0
+                    && now.saturating_duration_since(self.opened + Duration::from_millis(at - 1))
+                        >= limit
+            })
+    }
+
+    fn stamp(&self, polled: &AtomicU64) {
+        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        polled.store(ms + 1, Relaxed);
     }
 
     #[inline]
@@ -182,12 +225,22 @@ impl Drop for Conn {
     }
 }
 
-/// Counts an HTTP/2 response as open until its body ends or is dropped.
-pub struct StreamGuard(Arc<Conn>);
+/// Counts an HTTP/2 response as open until its body ends or is dropped,
+/// and notes when its body was last asked for data.
+pub struct StreamGuard {
+    conn: Arc<Conn>,
+    polled: Arc<AtomicU64>,
+}
+
+impl StreamGuard {
+    fn polled(&self) {
+        self.conn.stamp(&self.polled);
+    }
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.open_streams.fetch_sub(1, Relaxed);
+        self.conn.open_streams.fetch_sub(1, Relaxed);
     }
 }
 
@@ -280,6 +333,9 @@ impl<B> Counted<B> {
     /// `inner`, counted by `guard` until it ends.
     #[inline]
     pub fn new(inner: B, guard: Option<StreamGuard>) -> Self {
+        if let Some(guard) = &guard {
+            guard.polled();
+        }
         Self { inner, guard }
     }
 }
@@ -294,6 +350,9 @@ impl<B: Body<Data = Bytes>> Body for Counted<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
+        if let Some(guard) = this.guard.as_ref() {
+            guard.polled();
+        }
         let polled = this.inner.poll_frame(cx);
         if this.guard.is_some() && matches!(polled, Poll::Ready(None | Some(Err(_)))) {
             *this.guard = None;
@@ -408,16 +467,19 @@ where
     let relay = tokio::io::copy_bidirectional(&mut client, &mut upstream);
     tokio::pin!(relay);
     let mut seen = 0;
+    let mut last_moved = Instant::now();
     loop {
         tokio::select! {
             _ = &mut relay => return,
-            () = tokio::time::sleep(idle) => {
-                let now = moved.load(Relaxed);
-                if now == seen {
+            () = tokio::time::sleep((idle / 4).max(Duration::from_millis(10))) => {
+                let count = moved.load(Relaxed);
+                if count != seen {
+                    seen = count;
+                    last_moved = Instant::now();
+                } else if last_moved.elapsed() >= idle {
                     tracing::debug!(target: "whydenied", "closing a tunnel idle for the idle timeout");
                     return;
                 }
-                seen = now;
             }
         }
     }
@@ -543,6 +605,36 @@ mod tests {
             Verdict::CheckAt(_)
         ));
         assert_eq!(c.check(at(219), &mut seen, LIMITS), Verdict::Wind);
+    }
+
+    #[test]
+    fn an_http2_response_that_is_not_read_closes_the_connection() {
+        let c = conn();
+        let t0 = c.opened;
+        let at = |s| t0 + Duration::from_secs(s);
+        let mut seen = Activity::new(t0);
+        let waiting = c.begin(true).unwrap();
+        // Waiting for the upstream's answer is not a stall.
+        assert!(matches!(
+            c.check(at(600), &mut seen, LIMITS),
+            Verdict::CheckAt(_)
+        ));
+        // The response is ready and its body is asked for data once, then
+        // never again (the client grants no window).
+        let body = Counted::new(http_body_util::Empty::<Bytes>::new(), Some(waiting));
+        assert!(matches!(
+            c.check(at(119), &mut seen, LIMITS),
+            Verdict::CheckAt(_)
+        ));
+        assert!(matches!(
+            c.check(at(120), &mut seen, LIMITS),
+            Verdict::Close(_)
+        ));
+        drop(body);
+        assert!(matches!(
+            c.check(at(120), &mut seen, LIMITS),
+            Verdict::CheckAt(_)
+        ));
     }
 
     #[test]

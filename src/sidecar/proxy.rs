@@ -334,6 +334,7 @@ enum Failure {
     BodyTooLarge,
     UriTooLong,
     AmbiguousHost,
+    Busy,
 }
 
 impl Failure {
@@ -344,6 +345,7 @@ impl Failure {
             Failure::BodyTooLarge => "body_too_large",
             Failure::UriTooLong => "uri_too_long",
             Failure::AmbiguousHost => "ambiguous_host",
+            Failure::Busy => "busy",
         }
     }
 }
@@ -408,12 +410,23 @@ impl Inner {
             return fail(Failure::AmbiguousHost);
         }
         let (mut parts, body) = req.into_parts();
-        let host = host_header.or_else(|| {
+        let authority = || {
             parts
                 .uri
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        };
+        let host = if parts.version <= Version::HTTP_11 && parts.uri.authority().is_some() {
+            // Absolute form: the target's authority is the host, and the
+            // upstream gets it as `Host` (RFC 9112 §3.2.2).
+            let host = authority();
+            if let Some(host) = &host {
+                parts.headers.insert(header::HOST, host.clone());
+            }
+            host
+        } else {
+            host_header.or_else(authority)
+        };
         hop::strip_hop_by_hop(&mut parts.headers, upgrading);
         parts.headers.remove(header::EXPECT);
         join_cookies(&mut parts.headers);
@@ -478,16 +491,26 @@ impl Inner {
         parts.uri = uri;
         let outbound = Request::from_parts(parts, Limited::new(body, limit));
 
-        let exchange = async {
-            let permit = self.pooled.clone().acquire_owned().await;
-            (permit, self.client.request(outbound).await)
+        // A place under the cap, waited for as long as a connection to the
+        // upstream may take: a full proxy says so (503), it is not the
+        // upstream's fault.
+        let waited = tokio::time::timeout(
+            limits.upstream_connect_timeout,
+            self.pooled.clone().acquire_owned(),
+        )
+        .await;
+        let Ok(Ok(permit)) = waited else {
+            return fail(Failure::Busy);
         };
-        let response = tokio::time::timeout(limits.upstream_response_timeout, exchange).await;
-        let (permit, mut response) = match response {
+        let response = tokio::time::timeout(
+            limits.upstream_response_timeout,
+            self.client.request(outbound),
+        )
+        .await;
+        let mut response = match response {
             Err(_elapsed) => return fail(Failure::Timeout),
-            Ok((_, Err(e))) => return fail(classify(&e)),
-            Ok((Err(_closed), _)) => return fail(Failure::Refused),
-            Ok((Ok(permit), Ok(response))) => (permit, response),
+            Ok(Err(e)) => return fail(classify(&e)),
+            Ok(Ok(response)) => response,
         };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -598,6 +621,13 @@ fn failure(f: Failure, accept: Option<&HeaderValue>, head: bool) -> Response<Pro
             "The request URL is longer than this service accepts.",
             "Shorten the URL, for example by moving parameters into a request body.",
             None,
+        ),
+        Failure::Busy => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The service is busy",
+            "This proxy already has as many requests in flight to the service as it allows, so yours was not sent.",
+            "Try again in a moment. If it keeps failing, report the denial id.",
+            Some("Raise limits.max_connections, or add capacity behind this proxy."),
         ),
         Failure::AmbiguousHost => (
             StatusCode::BAD_REQUEST,
