@@ -388,3 +388,19 @@ async fn an_absolute_form_target_wins_over_host() {
     assert_eq!(seen["host"][0], "a.example", "{seen}");
     assert_eq!(seen["x-forwarded-host"][0], "a.example", "{seen}");
 }
+
+/// A tunnel has no request to finish: it used to hold shutdown for the
+/// whole grace period (and outlive it). It now closes when the listener
+/// stops.
+#[tokio::test]
+async fn an_open_tunnel_does_not_hold_shutdown() {
+    let (up, _) = upstream::start().await;
+    let p = common::start_sidecar("limits: { shutdown_grace: 60s }\n", up, None).await;
+    let mut tunnel = TcpStream::connect(p.addr).await.unwrap();
+    tunnel.write_all(UPGRADE).await.unwrap();
+    assert!(head_of(&mut tunnel).await.starts_with("HTTP/1.1 101"));
+    tokio::time::timeout(GUARD, p.shutdown())
+        .await
+        .expect("shutdown waited for the tunnel");
+    closed_by_server(&mut tunnel).await;
+}

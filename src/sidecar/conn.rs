@@ -377,6 +377,7 @@ impl<B: Body<Data = Bytes>> Body for Counted<B> {
 #[derive(Default)]
 pub struct Stopping {
     stopped: AtomicBool,
+    aborted: AtomicBool,
     next: AtomicU64,
     waiting: Mutex<HashMap<u64, Waker>>,
 }
@@ -385,11 +386,21 @@ impl Stopping {
     /// Sets the flag and wakes every connection task that is waiting.
     pub fn stop(&self) {
         self.stopped.store(true, SeqCst);
-        let waiting = match self.waiting.lock() {
-            Ok(mut waiting) => std::mem::take(&mut *waiting),
-            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        self.wake_all();
+    }
+
+    /// After the grace period: the connections still open are dropped.
+    pub fn abort(&self) {
+        self.aborted.store(true, SeqCst);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        let waiting: Vec<Waker> = match self.waiting.lock() {
+            Ok(waiting) => waiting.values().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
         };
-        for waker in waiting.into_values() {
+        for waker in waiting {
             waker.wake();
         }
     }
@@ -438,6 +449,25 @@ impl Registered {
     }
 }
 
+impl Registered {
+    /// Ready once the grace period is over.
+    pub fn aborted(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|_| {
+            if self.stopping.aborted.load(Relaxed) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+}
+
+/// What an upgraded tunnel listens to: it closes when the listener stops
+/// (a tunnel has no requests to finish). Handed to the proxy in the
+/// extensions of upgrade requests only.
+#[derive(Clone)]
+pub struct TunnelStop(pub Arc<Stopping>);
+
 impl Drop for Registered {
     fn drop(&mut self) {
         if let Ok(mut waiting) = self.stopping.waiting.lock() {
@@ -450,7 +480,7 @@ impl Drop for Registered {
 /// side closes or nothing moves either way for `idle`, as nginx's
 /// `proxy_read_timeout` does for tunnels. The client side holds the
 /// connection's slot (see [`Conn`]) until this returns.
-pub async fn tunnel<A, B>(client: A, upstream: B, idle: Duration)
+pub async fn tunnel<A, B>(client: A, upstream: B, idle: Duration, stop: Option<TunnelStop>)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -468,9 +498,17 @@ where
     tokio::pin!(relay);
     let mut seen = 0;
     let mut last_moved = Instant::now();
+    let stop = match stop {
+        Some(TunnelStop(stopping)) => Some(stopping.register().await),
+        None => None,
+    };
     loop {
         tokio::select! {
             _ = &mut relay => return,
+            () = async { stop.as_ref().unwrap().stopped().await }, if stop.is_some() => {
+                tracing::debug!(target: "whydenied", "closing a tunnel: the listener stops");
+                return;
+            }
             () = tokio::time::sleep((idle / 4).max(Duration::from_millis(10))) => {
                 let count = moved.load(Relaxed);
                 if count != seen {

@@ -390,6 +390,7 @@ impl Inner {
         // use the pool.
         let slot = slot.filter(|_| !upgrading && req.version() <= Version::HTTP_11);
         let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+        let tunnel_stop = req.extensions_mut().remove::<super::conn::TunnelStop>();
 
         // One host per request (RFC 9112 §3.2, RFC 9113 §8.3.1): with two,
         // the explanation, the forwarding headers and the upstream could each
@@ -524,7 +525,13 @@ impl Inner {
                     tracing::debug!(target: "whydenied", "an upgrade was not completed");
                     return;
                 };
-                super::conn::tunnel(TokioIo::new(client), TokioIo::new(upstream), idle).await;
+                super::conn::tunnel(
+                    TokioIo::new(client),
+                    TokioIo::new(upstream),
+                    idle,
+                    tunnel_stop,
+                )
+                .await;
             });
             let (mut parts, body) = response.into_parts();
             hop::strip_hop_by_hop(&mut parts.headers, true);

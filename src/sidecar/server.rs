@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant as TokioInstant;
 use tower_service::Service;
 
-use super::conn::{Activity, Conn, Counted, Deadlines, Stopping, Verdict, Watched};
+use super::conn::{Activity, Conn, Counted, Deadlines, Stopping, TunnelStop, Verdict, Watched};
 
 use crate::config::Limits;
 
@@ -111,8 +111,12 @@ pub async fn serve<M, S, B>(
         let service = make_service(peer);
         let per_request = {
             let state = state.clone();
-            hyper::service::service_fn(move |req: Request<Incoming>| {
+            let stopping = stopping.clone();
+            hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let stream = state.begin(req.version() == Version::HTTP_2);
+                if req.headers().contains_key(http::header::UPGRADE) {
+                    req.extensions_mut().insert(TunnelStop(stopping.clone()));
+                }
                 let mut service = service.clone();
                 async move {
                     let start = record.then(Instant::now);
@@ -148,6 +152,7 @@ pub async fn serve<M, S, B>(
         .is_err()
     {
         tracing::warn!(target: "whydenied", listener = settings.name, "grace period over; closing the remaining connections");
+        stopping.abort();
     }
 }
 
@@ -178,6 +183,10 @@ async fn supervise<C>(
     loop {
         tokio::select! {
             biased;
+            () = stopping.aborted() => {
+                tracing::debug!(target: "whydenied", peer = %peer, "closing a connection at the end of the grace period");
+                return;
+            }
             ended = conn.as_mut() => {
                 if let Err(e) = ended {
                     tracing::debug!(target: "whydenied", peer = %peer, error = %e, "connection ended with an error");
