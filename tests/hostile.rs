@@ -321,7 +321,7 @@ async fn an_identity_header_from_an_untrusted_client_does_not_reach_the_upstream
 async fn pooled_upstream_requests_are_capped() {
     let (up, state) = upstream::start().await;
     let p = common::start_sidecar(
-        "limits: { max_connections: 1, upstream_connect_timeout: 300ms }\n",
+        "limits: { max_connections: 1, upstream_connect_timeout: 1s }\n",
         up,
         None,
     )
