@@ -399,14 +399,7 @@ mod tests {
     }
 
     fn facts(peer: &str, xff: Option<&str>, config: &Config) -> RequestFacts {
-        let mut req = Request::builder().uri("/x");
-        if let Some(xff) = xff {
-            req = req.header("x-forwarded-for", xff);
-        }
-        let mut req = req.body(()).unwrap();
-        req.extensions_mut()
-            .insert(ClientAddr(peer.parse().unwrap()));
-        RequestFacts::capture(&req, config)
+        facts_lines(peer, xff.as_slice(), config)
     }
 
     #[test]

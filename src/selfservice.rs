@@ -312,7 +312,7 @@ where
     if note.len() > settings.max_note_bytes {
         return too_long();
     }
-    let note = crate::events::redact::scrub(&clean(&note, settings.max_note_bytes));
+    let note = crate::events::redact::scrub_owned(clean(&note, settings.max_note_bytes));
     let denial = recorded.event;
     let who = denial
         .identity

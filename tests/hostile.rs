@@ -26,6 +26,19 @@ async fn closed_by_server(stream: &mut TcpStream) {
     assert!(ended.is_ok(), "the server kept the connection open");
 }
 
+/// Writes `request` as it is on a new connection and reads what comes back
+/// until the server closes it.
+async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(GUARD, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Reads a response head, byte by byte.
 async fn head_of(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
@@ -268,18 +281,11 @@ async fn an_idle_tunnel_is_closed_at_the_idle_timeout() {
 async fn a_request_with_two_host_lines_is_refused() {
     let (up, _) = upstream::start().await;
     let p = common::start_sidecar("", up, None).await;
-    let mut s = TcpStream::connect(p.addr).await.unwrap();
-    s.write_all(
+    let text = exchange(
+        p.addr,
         b"GET /echo-headers HTTP/1.1\r\nhost: a.example\r\nhost: b.example\r\naccept: text/plain\r\nconnection: close\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(GUARD, s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out);
+    .await;
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(text.contains("x-denial-id"), "{text}");
     assert!(!text.contains("b.example"), "{text}");
@@ -371,18 +377,11 @@ async fn pooled_upstream_requests_are_capped() {
 async fn an_absolute_form_target_wins_over_host() {
     let (up, _) = upstream::start().await;
     let p = common::start_sidecar("", up, None).await;
-    let mut s = TcpStream::connect(p.addr).await.unwrap();
-    s.write_all(
+    let text = exchange(
+        p.addr,
         b"GET http://a.example/echo-headers HTTP/1.1\r\nhost: b.example\r\nconnection: close\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(GUARD, s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out);
+    .await;
     let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
     let seen: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(seen["host"][0], "a.example", "{seen}");

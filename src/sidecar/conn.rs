@@ -439,34 +439,25 @@ pub struct Registered {
 impl Registered {
     /// Ready once the listener stops.
     pub fn stopped(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(|_| {
-            if self.stopping.is_stopped() {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
+        raised(&self.stopping.stopped)
     }
-}
 
-impl Registered {
     /// Ready once the grace period is over.
     pub fn aborted(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(|_| {
-            if self.stopping.aborted.load(Relaxed) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
+        raised(&self.stopping.aborted)
     }
 }
 
-/// What an upgraded tunnel listens to: it closes when the listener stops
-/// (a tunnel has no requests to finish). Handed to the proxy in the
-/// extensions of upgrade requests only.
-#[derive(Clone)]
-pub struct TunnelStop(pub Arc<Stopping>);
+/// Ready once `flag` is set (the waker was left in [`Stopping`] already).
+fn raised(flag: &AtomicBool) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(|_| {
+        if flag.load(Relaxed) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+}
 
 impl Drop for Registered {
     fn drop(&mut self) {
@@ -477,10 +468,11 @@ impl Drop for Registered {
 }
 
 /// Relays an upgraded connection (a WebSocket, say) both ways until either
-/// side closes or nothing moves either way for `idle`, as nginx's
-/// `proxy_read_timeout` does for tunnels. The client side holds the
-/// connection's slot (see [`Conn`]) until this returns.
-pub async fn tunnel<A, B>(client: A, upstream: B, idle: Duration, stop: Option<TunnelStop>)
+/// side closes, nothing moves either way for `idle` (as nginx's
+/// `proxy_read_timeout` does for tunnels), or the listener stops (a tunnel
+/// has no request to finish). The client side holds the connection's slot
+/// (see [`Conn`]) until this returns.
+pub async fn tunnel<A, B>(client: A, upstream: B, idle: Duration, stopping: Option<Arc<Stopping>>)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -498,14 +490,21 @@ where
     tokio::pin!(relay);
     let mut seen = 0;
     let mut last_moved = Instant::now();
-    let stop = match stop {
-        Some(TunnelStop(stopping)) => Some(stopping.register().await),
+    let registered = match stopping {
+        Some(stopping) => Some(stopping.register().await),
         None => None,
     };
+    let stopped = async {
+        match &registered {
+            Some(registered) => registered.stopped().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
             _ = &mut relay => return,
-            () = async { stop.as_ref().unwrap().stopped().await }, if stop.is_some() => {
+            () = &mut stopped => {
                 tracing::debug!(target: "whydenied", "closing a tunnel: the listener stops");
                 return;
             }

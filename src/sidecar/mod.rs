@@ -19,6 +19,7 @@ pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use http::Uri;
 use tokio::sync::watch;
@@ -130,7 +131,9 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let handle = ConfigHandle::new(options.config);
     let layer = ExplainLayer::with_handle(handle.clone()).identity_from_trusted_proxies_only(true);
     let recorder = layer.recorder().clone();
-    let proxy = proxy::Proxy::new(handle.clone(), upstream.clone()).map_err(StartError::Tls)?;
+    let stopping = Arc::new(conn::Stopping::default());
+    let proxy = proxy::Proxy::new(handle.clone(), upstream.clone(), Some(stopping.clone()))
+        .map_err(StartError::Tls)?;
     let for_connection = move |peer| {
         layer
             .layer(proxy.for_connection(peer))
@@ -159,6 +162,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
             limits: limits.clone(),
             record_metrics: true,
             name: "proxy",
+            stopping,
         },
         until_stopped(stopped.clone()),
     ));
@@ -169,6 +173,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
             limits,
             record_metrics: false,
             name: "admin",
+            stopping: Arc::default(),
         },
         until_stopped(stopped),
     ));

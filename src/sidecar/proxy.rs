@@ -60,6 +60,8 @@ struct Inner {
     // client connections, so a few HTTP/2 clients with many streams each
     // cannot open upstream connections without end.
     pooled: Arc<tokio::sync::Semaphore>,
+    // The data listener's stop signal, which closes the tunnels of upgrades.
+    stopping: Option<Arc<super::conn::Stopping>>,
     config: ConfigHandle,
     upstream: Upstream,
     // How downstream HTTP/1 connections open an upstream connection of
@@ -97,8 +99,13 @@ impl Upstream {
 }
 
 impl Proxy {
-    /// A proxy to `upstream`, with limits from the current config.
-    pub fn new(config: ConfigHandle, upstream: Upstream) -> Result<Self, String> {
+    /// A proxy to `upstream`, with limits from the current config. Its
+    /// upgraded tunnels close when `stopping` is raised.
+    pub fn new(
+        config: ConfigHandle,
+        upstream: Upstream,
+        stopping: Option<Arc<super::conn::Stopping>>,
+    ) -> Result<Self, String> {
         let current = config.load();
         let limits = current.limits().clone();
         let mut http = HttpConnector::new();
@@ -131,6 +138,7 @@ impl Proxy {
             inner: Arc::new(Inner {
                 client,
                 pooled: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
+                stopping,
                 config,
                 upstream,
                 direct,
@@ -390,7 +398,6 @@ impl Inner {
         // use the pool.
         let slot = slot.filter(|_| !upgrading && req.version() <= Version::HTTP_11);
         let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
-        let tunnel_stop = req.extensions_mut().remove::<super::conn::TunnelStop>();
 
         // One host per request (RFC 9112 §3.2, RFC 9113 §8.3.1): with two,
         // the explanation, the forwarding headers and the upstream could each
@@ -519,19 +526,15 @@ impl Inner {
         {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             let idle = limits.idle_timeout;
+            let stopping = self.stopping.clone();
             tokio::spawn(async move {
                 let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await)
                 else {
                     tracing::debug!(target: "whydenied", "an upgrade was not completed");
                     return;
                 };
-                super::conn::tunnel(
-                    TokioIo::new(client),
-                    TokioIo::new(upstream),
-                    idle,
-                    tunnel_stop,
-                )
-                .await;
+                super::conn::tunnel(TokioIo::new(client), TokioIo::new(upstream), idle, stopping)
+                    .await;
             });
             let (mut parts, body) = response.into_parts();
             hop::strip_hop_by_hop(&mut parts.headers, true);

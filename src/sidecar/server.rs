@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant as TokioInstant;
 use tower_service::Service;
 
-use super::conn::{Activity, Conn, Counted, Deadlines, Stopping, TunnelStop, Verdict, Watched};
+use super::conn::{Activity, Conn, Counted, Deadlines, Stopping, Verdict, Watched};
 
 use crate::config::Limits;
 
@@ -33,6 +33,9 @@ pub struct ServeSettings {
     pub record_metrics: bool,
     /// A name for logs.
     pub name: &'static str,
+    /// Tells the listener's connections (and the tunnels its proxy opens)
+    /// to wind down; `serve` raises it when `shutdown` resolves.
+    pub stopping: Arc<Stopping>,
 }
 
 /// Serves on `listener` until `shutdown` resolves, then waits for in-flight
@@ -79,8 +82,7 @@ pub async fn serve<M, S, B>(
         first_request: limits.header_read_timeout,
         idle: limits.idle_timeout,
     };
-    // Tells every connection to wind down (graceful shutdown).
-    let stopping = Arc::new(Stopping::default());
+    let stopping = settings.stopping;
     tokio::pin!(shutdown);
 
     loop {
@@ -111,12 +113,8 @@ pub async fn serve<M, S, B>(
         let service = make_service(peer);
         let per_request = {
             let state = state.clone();
-            let stopping = stopping.clone();
-            hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            hyper::service::service_fn(move |req: Request<Incoming>| {
                 let stream = state.begin(req.version() == Version::HTTP_2);
-                if req.headers().contains_key(http::header::UPGRADE) {
-                    req.extensions_mut().insert(TunnelStop(stopping.clone()));
-                }
                 let mut service = service.clone();
                 async move {
                     let start = record.then(Instant::now);
