@@ -83,10 +83,6 @@ impl ClientLimiter {
     }
 }
 
-/// Longest a self-service note may take to arrive.
-#[cfg(feature = "sinks")]
-const NOTE_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Why a note could not be read.
 enum NoteError {
     TooLong,
@@ -273,7 +269,7 @@ where
     // ever (the sidecar's own limits do not cover a body the layer reads).
     #[cfg(feature = "sinks")]
     let read = async {
-        tokio::time::timeout(NOTE_READ_TIMEOUT, read)
+        tokio::time::timeout(settings.note_timeout, read)
             .await
             .unwrap_or(Err(NoteError::TooSlow))
     };

@@ -682,3 +682,43 @@ async fn an_unwritable_file_sink_is_counted_not_fatal() {
     .expect("the failed writes were never counted");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A note that never finishes arriving does not hold the request: after
+/// `note_timeout` the caller gets 408, and nothing is escalated.
+#[tokio::test]
+async fn a_self_service_note_that_never_arrives_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, _) = upstream::start().await;
+    let mut hook = receiver::start(SECRET).await;
+    let dir = temp_dir("slow-note");
+    let extra =
+        "escalation:\n  self_service: { enabled: true, notify: [hook], note_timeout: 300ms }\n";
+    let p = start(&config(hook.addr, &dir.join("e.jsonl"), extra), up).await;
+    let res = common::send(
+        p.addr,
+        req(p.addr, "/denied", &[("x-forwarded-user", "bob")]),
+    )
+    .await;
+    let v: Value = serde_json::from_str(&body(res).await).unwrap();
+    let href = v["escalate"]["href"].as_str().unwrap().to_owned();
+    let _denial = next(&mut hook.deliveries).await;
+
+    let mut stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let head = format!(
+        "POST {href} HTTP/1.1\r\nhost: {}\r\nx-forwarded-user: bob\r\ncontent-type: text/plain\r\ncontent-length: 100\r\nconnection: close\r\n\r\nI need",
+        p.addr
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The rest of the note never comes; the answer does.
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), hook.deliveries.recv())
+            .await
+            .is_err(),
+        "a note that did not arrive was escalated"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

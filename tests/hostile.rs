@@ -276,37 +276,51 @@ async fn an_idle_tunnel_is_closed_at_the_idle_timeout() {
 }
 
 /// Two `Host` lines were forwarded as they were: whydenied, the forwarding
-/// headers and the upstream could each believe a different host.
+/// headers and the upstream could each believe a different host. Two
+/// `Authorization` lines likewise (the explanation reads the first, an
+/// upstream might read the last): nginx refuses both; so does whydenied.
 #[tokio::test]
-async fn a_request_with_two_host_lines_is_refused() {
+async fn a_request_with_two_host_or_authorization_lines_is_refused() {
     let (up, _) = upstream::start().await;
     let p = common::start_sidecar("", up, None).await;
-    let text = exchange(
-        p.addr,
-        b"GET /echo-headers HTTP/1.1\r\nhost: a.example\r\nhost: b.example\r\naccept: text/plain\r\nconnection: close\r\n\r\n",
-    )
-    .await;
-    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
-    assert!(text.contains("x-denial-id"), "{text}");
-    assert!(!text.contains("b.example"), "{text}");
+    let two_hosts = "host: a.example\r\nhost: b.example\r\n";
+    let two_credentials = "host: a.example\r\nauthorization: Bearer one-secret\r\nauthorization: Bearer b.example\r\n";
+    for lines in [two_hosts, two_credentials] {
+        let request = format!(
+            "GET /echo-headers HTTP/1.1\r\n{lines}accept: text/plain\r\nconnection: close\r\n\r\n"
+        );
+        let text = exchange(p.addr, request.as_bytes()).await;
+        assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+        assert!(text.contains("x-denial-id"), "{text}");
+        assert!(!text.contains("b.example"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+    }
 }
 
 /// The identity header says who a trusted proxy authenticated. From a client
 /// that reached the proxy directly it is a claim: the layer ignored it, but
 /// the upstream still received it.
 #[tokio::test]
-async fn an_identity_header_from_an_untrusted_client_does_not_reach_the_upstream() {
+async fn identity_and_address_claims_from_an_untrusted_client_do_not_reach_the_upstream() {
     let (up, _) = upstream::start().await;
     let yaml = "identity: { header: x-forwarded-user }\n";
     let direct = common::start_sidecar(yaml, up, None).await;
-    let claimed = [("x-forwarded-user", "admin")];
+    // With the other claims about the client's connection.
+    let claimed = [
+        ("x-forwarded-user", "admin"),
+        ("x-real-ip", "10.9.9.9"),
+        ("true-client-ip", "10.9.9.9"),
+        ("x-forwarded-prefix", "/admin"),
+    ];
     let res = common::send(
         direct.addr,
         common::get(direct.addr, "/echo-headers", &claimed),
     )
     .await;
     let seen: serde_json::Value = serde_json::from_str(&common::text(res).await).unwrap();
-    assert!(seen.get("x-forwarded-user").is_none(), "{seen}");
+    for (name, _) in claimed {
+        assert!(seen.get(name).is_none(), "{name}: {seen}");
+    }
     // From a trusted proxy it is passed on.
     let trusted = format!("{yaml}trusted_proxies: [127.0.0.0/8]\n");
     let behind = common::start_sidecar(&trusted, up, None).await;
@@ -316,7 +330,9 @@ async fn an_identity_header_from_an_untrusted_client_does_not_reach_the_upstream
     )
     .await;
     let seen: serde_json::Value = serde_json::from_str(&common::text(res).await).unwrap();
-    assert_eq!(seen["x-forwarded-user"][0], "admin", "{seen}");
+    for (name, value) in claimed {
+        assert_eq!(seen[name][0], value, "{name}: {seen}");
+    }
 }
 
 /// HTTP/2 requests go upstream through the shared pool, one upstream

@@ -202,6 +202,12 @@ pub struct RawSelfService {
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
     pub per_client_within: Option<S<String>>,
+    /// Longest a note may take to arrive (then 408). Default `10s`. Applies
+    /// where whydenied has a timer (the sidecar, or the layer with the
+    /// `sinks` feature); the lean layer relies on the server's timeouts.
+    #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<String>"))]
+    pub note_timeout: Option<S<String>>,
 }
 
 /// A compiled sink.
@@ -297,6 +303,8 @@ pub struct SelfService {
     pub per_client_count: u32,
     /// Per-client window.
     pub per_client_within: Duration,
+    /// Longest a note may take to arrive.
+    pub note_timeout: Duration,
 }
 
 /// Everything about events, compiled.
@@ -589,6 +597,12 @@ pub(crate) fn compile(
                     &ss.per_client_within,
                     "per_client_within",
                     Duration::from_secs(600),
+                    err,
+                )?,
+                note_timeout: duration(
+                    &ss.note_timeout,
+                    "note_timeout",
+                    Duration::from_secs(10),
                     err,
                 )?,
             });

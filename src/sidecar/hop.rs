@@ -1,7 +1,9 @@
 //! Header hygiene at the proxy boundary, both directions: hop-by-hop headers
 //! and every header named in `Connection` are removed; the forwarding headers
 //! (`X-Forwarded-For`, `-Proto`, `-Host`, `Forwarded`) are set by us, and the
-//! incoming ones are believed only from a trusted proxy.
+//! incoming ones are believed only from a trusted proxy; from anyone else,
+//! every header that claims something about the client's connection
+//! (`X-Forwarded-*`, `X-Real-IP`, `True-Client-IP`, ...) is removed.
 //!
 //! Forwarding headers are set *after* hop-by-hop removal, so a client that
 //! sends `Connection: X-Forwarded-For` cannot strip them.
@@ -122,16 +124,17 @@ pub struct Hop {
 /// appended to its chain.
 pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop) {
     let peer_ip = crate::config::canonical(hop.peer.ip());
-    let forwarding = [
-        &X_FORWARDED_FOR,
-        &X_FORWARDED_PROTO,
-        &X_FORWARDED_HOST,
-        &header::FORWARDED,
-    ];
     // Whether any forwarding header came in: one pass over the names.
-    let incoming = headers.keys().any(|name| forwarding.contains(&name));
+    let incoming = headers.keys().any(is_client_claim);
     if incoming && !hop.trusted {
-        for name in forwarding {
+        // Rare (a client that forges them, or a proxy not listed as
+        // trusted): the allocation is only paid then.
+        let forged: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| is_client_claim(name))
+            .cloned()
+            .collect();
+        for name in &forged {
             headers.remove(name);
         }
     }
@@ -185,6 +188,26 @@ pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop) {
     };
     if let Some(v) = owned_value(forwarded) {
         headers.insert(header::FORWARDED, v);
+    }
+}
+
+/// Headers by which a proxy in front of us tells the next hop about the
+/// client: where it connected from, how, to which host, port or prefix.
+/// From anyone but a trusted proxy they are claims the upstream must not
+/// believe, so they are removed (as Traefik does); ours replace the four we
+/// set. Besides `Forwarded` and every `X-Forwarded-*`: `X-Real-IP`
+/// (nginx's), `True-Client-IP` (Akamai's, Cloudflare's), `X-Client-IP`,
+/// `CF-Connecting-IP` and `Fastly-Client-IP`.
+fn is_client_claim(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    match name.as_bytes().first() {
+        Some(b'x') => {
+            name.starts_with("x-forwarded-") || name == "x-real-ip" || name == "x-client-ip"
+        }
+        Some(b'f') => name == "forwarded" || name == "fastly-client-ip",
+        Some(b't') => name == "true-client-ip",
+        Some(b'c') => name == "cf-connecting-ip",
+        _ => false,
     }
 }
 
@@ -324,6 +347,39 @@ mod tests {
             h["forwarded"],
             "for=203.0.113.5;proto=http;host=\"app.example.com\""
         );
+    }
+
+    #[test]
+    fn untrusted_client_claims_are_removed_and_trusted_ones_kept() {
+        let claims = [
+            ("x-real-ip", "6.6.6.6"),
+            ("true-client-ip", "6.6.6.6"),
+            ("x-client-ip", "6.6.6.6"),
+            ("cf-connecting-ip", "6.6.6.6"),
+            ("fastly-client-ip", "6.6.6.6"),
+            ("x-forwarded-port", "443"),
+            ("x-forwarded-prefix", "/admin"),
+            ("x-forwarded-proto", "https"),
+        ];
+        let mut pairs = claims.to_vec();
+        pairs.extend([("x-request-id", "r1"), ("forwarded-for-me", "kept")]);
+        let mut h = map(&pairs);
+        set_forwarding(&mut h, &hop("203.0.113.5:4000", false));
+        for (name, _) in &claims[..7] {
+            assert!(
+                !h.contains_key(*name),
+                "{name} from an untrusted peer was kept"
+            );
+        }
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-request-id"], "r1");
+        assert_eq!(h["forwarded-for-me"], "kept");
+
+        let mut h = map(&pairs);
+        set_forwarding(&mut h, &hop("10.0.0.2:4000", true));
+        for (name, value) in &claims {
+            assert_eq!(h[*name], *value, "{name} from a trusted proxy was not kept");
+        }
     }
 
     #[test]

@@ -342,6 +342,7 @@ enum Failure {
     BodyTooLarge,
     UriTooLong,
     AmbiguousHost,
+    AmbiguousCredentials,
     Busy,
 }
 
@@ -353,6 +354,7 @@ impl Failure {
             Failure::BodyTooLarge => "body_too_large",
             Failure::UriTooLong => "uri_too_long",
             Failure::AmbiguousHost => "ambiguous_host",
+            Failure::AmbiguousCredentials => "ambiguous_credentials",
             Failure::Busy => "busy",
         }
     }
@@ -406,6 +408,12 @@ impl Inner {
         let host_header = hosts.next().cloned();
         if hosts.next().is_some() {
             return fail(Failure::AmbiguousHost);
+        }
+        // One set of credentials (as nginx requires): with two, the
+        // explanation and the upstream could each see a different caller.
+        let mut credentials = req.headers().get_all(header::AUTHORIZATION).iter();
+        if credentials.next().is_some() && credentials.next().is_some() {
+            return fail(Failure::AmbiguousCredentials);
         }
         // Over HTTP/1.1 an absolute-form target wins over `Host` (RFC 9112
         // §3.2.2); over HTTP/2 the two must agree.
@@ -644,6 +652,13 @@ fn failure(f: Failure, accept: Option<&HeaderValue>, head: bool) -> Response<Pro
             "The request names more than one host",
             "The request carries more than one Host header, or a Host header that differs from the host in its URL, so it is not clear which service it is for.",
             "Send the request with one Host header.",
+            None,
+        ),
+        Failure::AmbiguousCredentials => (
+            StatusCode::BAD_REQUEST,
+            "The request carries more than one set of credentials",
+            "The request has more than one Authorization header, so it is not clear who is asking.",
+            "Send the request with one Authorization header.",
             None,
         ),
     };
