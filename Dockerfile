@@ -27,16 +27,17 @@ WORKDIR /src
 
 # 1. Dependencies only. Stub targets let cargo resolve and compile every
 #    dependency of the binary; this layer is rebuilt only when Cargo.toml or
-#    Cargo.lock change. Cargo.toml declares `[[bench]] name = "layer"` and
-#    `[[example]] name = "axum_app"`, and cargo refuses a manifest whose
-#    declared targets have no file, so those get stubs too (they are never
-#    built here).
+#    Cargo.lock change. cargo refuses to build a package whose declared
+#    `[[bench]]` or `[[example]]` targets have no file, so each one declared
+#    in Cargo.toml gets a stub too (found by the awk line; they are never
+#    built here). .ci/run runs this step as it is, so a new target that
+#    breaks it fails CI.
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches examples \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && echo 'fn main() {}' > benches/layer.rs \
-    && echo 'fn main() {}' > examples/axum_app.rs \
+    && awk '/^\[/ { dir = "" } /^\[\[bench\]\]/ { dir = "benches" } /^\[\[example\]\]/ { dir = "examples" } dir != "" && /^name *=/ { gsub(/[" ]/, ""); sub(/^name=/, ""); print dir "/" $0 ".rs"; dir = "" }' Cargo.toml \
+       | while read -r stub; do echo 'fn main() {}' > "$stub"; done \
     && cargo build --release --locked --bin whydenied \
     && rm -rf src
 

@@ -2,7 +2,7 @@
 //! `ExplainLayer` with the shipped config (`config/whydenied.yaml`).
 //!
 //! ```text
-//! cargo run --example axum_app            # listens on 127.0.0.1:3000
+//! cargo run --example axum_app --features axum   # listens on 127.0.0.1:3000
 //!
 //! # A path only admins may use (problem+json, the default for API clients):
 //! curl -i http://127.0.0.1:3000/admin/users -H 'x-forwarded-user: bob'

@@ -343,7 +343,7 @@ pub fn status(upstream: &Upstream<'_>, found: &mut Vec<Cause>) {
     if upstream.status == StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS {
         found.push(cause(
             CauseKind::GeoBlocked,
-            Likelihood::Medium,
+            Likelihood::High,
             "The upstream answered 451 Unavailable For Legal Reasons.".to_owned(),
         ));
     }

@@ -108,7 +108,14 @@ pub fn explain(
         && !facts.has_credentials()
         && identity.as_ref().is_none_or(|i| i.unverified)
     {
-        let likelihood = if causes.iter().any(|c| c.likelihood == Likelihood::High) {
+        // The likely reason only where a status is about access (401, 403);
+        // a 429, 451 or 503 says something else by itself.
+        let about_access = matches!(
+            upstream.status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        );
+        let likelihood = if !about_access || causes.iter().any(|c| c.likelihood == Likelihood::High)
+        {
             Likelihood::Medium
         } else {
             Likelihood::High
@@ -271,8 +278,11 @@ pub fn proxy_failure(
         expose: crate::explanation::Expose::Full,
         identity: None,
         client_ip: None,
-        temporary: status == StatusCode::SERVICE_UNAVAILABLE
-            || status == StatusCode::GATEWAY_TIMEOUT,
+        // The caller is told to try again in a moment.
+        temporary: matches!(
+            status,
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+        ),
         denied_by: DeniedBy::Proxy,
     }
 }
@@ -441,6 +451,26 @@ policies:
         assert_eq!(e.top_cause(), CauseKind::AuthenticationMissing);
         assert_eq!(e.causes[0].likelihood, Likelihood::High);
         assert_eq!(e.title, "Sign-in required");
+    }
+
+    #[test]
+    fn no_credentials_does_not_outrank_what_a_451_or_503_says() {
+        let e = run(Request::get("/x").body(()).unwrap(), 451, HeaderMap::new());
+        assert_eq!(e.top_cause(), CauseKind::GeoBlocked);
+        assert_eq!(e.causes[0].likelihood, Likelihood::High);
+        assert_eq!(e.causes[1].cause, CauseKind::AuthenticationMissing);
+        assert_eq!(e.causes[1].likelihood, Likelihood::Medium);
+
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, "30".parse().unwrap());
+        let e = run(Request::get("/x").body(()).unwrap(), 503, h);
+        assert_eq!(e.top_cause(), CauseKind::RateLimited);
+        assert!(e.temporary);
+        let missing = e
+            .causes
+            .iter()
+            .find(|c| c.cause == CauseKind::AuthenticationMissing);
+        assert_eq!(missing.unwrap().likelihood, Likelihood::Medium);
     }
 
     #[test]

@@ -45,6 +45,27 @@ pub fn clean_into(out: &mut String, value: &str, max_chars: usize) {
     }
 }
 
+/// Like [`clean`] for prose such as a body excerpt or a line of a file,
+/// where line breaks and tabs are ordinary: each becomes one space (so a
+/// caret under the text stays aligned); other control characters are still
+/// shown escaped.
+pub fn clean_prose(value: &str, max_chars: usize) -> String {
+    if !value.contains(['\n', '\r', '\t']) {
+        return clean(value, max_chars);
+    }
+    let spaced: String = value
+        .chars()
+        .map(|c| {
+            if matches!(c, '\n' | '\r' | '\t') {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect();
+    clean(&spaced, max_chars)
+}
+
 /// Like [`clean`] for raw bytes (headers, bodies): invalid UTF-8 becomes U+FFFD.
 pub fn clean_bytes(value: &[u8], max_chars: usize) -> String {
     clean(&String::from_utf8_lossy(value), max_chars)
@@ -82,6 +103,10 @@ mod tests {
         assert_eq!(clean("plain ascii ~", 13), "plain ascii ~");
         assert_eq!(clean("plain ascii ~", 12), "plain ascii …");
         assert_eq!(clean("tab\there", 20), "tab\\u{9}here");
+        assert_eq!(
+            clean_prose("Forbidden\r\n\tby\u{1b}", 40),
+            "Forbidden   by\\u{1b}"
+        );
         assert_eq!(clean("del\u{7f}", 20), "del\\u{7f}");
         let mut out = String::from("a: ");
         clean_into(&mut out, "b\nc", 10);

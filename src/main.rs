@@ -254,6 +254,26 @@ fn check(path: &PathBuf) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Tells the operator at start, before the first 502, that the upstream
+/// does not accept connections (yet).
+async fn warn_if_unreachable(authority: String, limit: Duration) {
+    let connect = tokio::net::TcpStream::connect(authority.clone());
+    match tokio::time::timeout(limit, connect).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(
+            target: "whydenied",
+            upstream = %authority,
+            error = %e,
+            "the upstream does not accept connections yet; requests get 502 until it does"
+        ),
+        Err(_) => tracing::warn!(
+            target: "whydenied",
+            upstream = %authority,
+            "the upstream did not accept a connection within upstream_connect_timeout; requests fail until it does"
+        ),
+    }
+}
+
 fn schema(of: SchemaOf) -> String {
     let schema = match of {
         SchemaOf::Config => schemars::schema_for!(whydenied::config::raw::RawConfig),
@@ -275,6 +295,16 @@ async fn serve(
             return Ok(ExitCode::FAILURE);
         }
     };
+    let probe = upstream
+        .as_ref()
+        .or(config.upstream())
+        .and_then(|u| u.authority())
+        .map(|a| {
+            (
+                a.as_str().to_owned(),
+                config.limits().upstream_connect_timeout,
+            )
+        });
     let running = sidecar::start(sidecar::Options {
         config,
         config_path: Some(config_path),
@@ -283,6 +313,9 @@ async fn serve(
         admin,
     })
     .await?;
+    if let Some((authority, limit)) = probe {
+        tokio::spawn(warn_if_unreachable(authority, limit));
+    }
     wait_for_shutdown_signal().await;
     tracing::info!(target: "whydenied", "shutting down");
     running.shutdown().await;
@@ -410,7 +443,7 @@ struct ExplainArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     format: ExplainFormat,
-    /// Evaluate every sample in this directory (the format of ../shared/corpus).
+    /// Evaluate every sample in this directory (labelled samples, as in tests/corpus).
     #[arg(long)]
     corpus: Option<PathBuf>,
 }
@@ -544,6 +577,7 @@ async fn admin_get(admin: &Uri, path: &str) -> anyhow::Result<(http::StatusCode,
     tokio::time::timeout(Duration::from_secs(3), attempt)
         .await
         .map_err(|_| anyhow::anyhow!("no answer from {authority} within 3 seconds"))?
+        .with_context(|| format!("cannot ask the admin listener at {authority}"))
 }
 
 async fn lookup(id: &str, admin: Uri, json: bool) -> anyhow::Result<ExitCode> {

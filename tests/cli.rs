@@ -225,3 +225,51 @@ async fn sigterm_case(extra: &[&str]) {
     assert!(!health.status.success(), "healthy after shutdown");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A 502 asks the caller to report its id: the operator finds that id in
+/// the log, with the upstream and the error.
+#[tokio::test]
+async fn a_proxy_failure_is_logged_with_its_id_and_error() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--config",
+            "config/whydenied.yaml",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--upstream",
+            &format!("http://{dead}"),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let serving = wait_for_log(&mut lines, "whydenied is serving").await;
+    let addr: std::net::SocketAddr = serving["listen"].as_str().unwrap().parse().unwrap();
+    let res = common::send(addr, common::get(addr, "/", &[])).await;
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    let id = res.headers()["x-denial-id"].to_str().unwrap().to_owned();
+    let body: Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["temporary"], true, "{body}");
+    assert!(!body.to_string().contains(&dead.to_string()), "{body}");
+    let logged = wait_for_log(&mut lines, "proxy failure").await;
+    assert_eq!(logged["denial_id"], id.as_str(), "{logged}");
+    assert_eq!(logged["kind"], "unreachable", "{logged}");
+    assert_eq!(logged["upstream"], dead.to_string(), "{logged}");
+    assert!(
+        logged["error"].as_str().unwrap().contains("refused"),
+        "{logged}"
+    );
+    kill(&child, "-TERM");
+    child.wait().await.unwrap();
+}

@@ -94,7 +94,7 @@ fn snippet(text: &str, line: u64, column: u64) -> String {
     let Some(source_line) = text.lines().nth(line.saturating_sub(1) as usize) else {
         return String::new();
     };
-    let source_line = crate::escape::clean(source_line, 200);
+    let source_line = crate::escape::clean_prose(source_line, 200);
     let number = line.to_string();
     let pad = " ".repeat(number.len());
     let caret_at = " ".repeat(column.saturating_sub(1).min(200) as usize);

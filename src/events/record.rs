@@ -136,7 +136,7 @@ pub fn denial_event(
         upstream: UpstreamRecord {
             status: explanation.status.as_u16(),
             headers: redactor.headers(upstream_headers, evidence_header),
-            body_excerpt: scrub_owned(clean(
+            body_excerpt: scrub_owned(crate::escape::clean_prose(
                 &String::from_utf8_lossy(excerpt),
                 settings.body_excerpt_bytes,
             )),

@@ -109,7 +109,7 @@ impl AdminInner {
             None => text(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "denial {id} is unknown or no longer kept (see events.recent_max and events.recent_max_age)\n"
+                    "denial {id} is unknown or no longer kept (see events.recent_max and events.recent_max_age); the ids of the proxy's own 502, 503 and 504 answers are in its log (\"proxy failure\")\n"
                 ),
             ),
         }

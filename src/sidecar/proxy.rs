@@ -371,7 +371,11 @@ impl Inner {
         let limits = config.limits();
         let accept = req.headers().get(header::ACCEPT).cloned();
         let head = req.method() == http::Method::HEAD;
-        let fail = |f: Failure| failure(f, accept.as_ref(), head);
+        let upstream = &self.upstream.authority;
+        let fail = |f: Failure| failure(f, accept.as_ref(), head, upstream, None);
+        let broke = |e: &(dyn std::error::Error + 'static)| {
+            failure(classify(e), accept.as_ref(), head, upstream, Some(e))
+        };
 
         let target_len = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
         if target_len > limits.max_uri_bytes {
@@ -487,7 +491,7 @@ impl Inner {
             let (response, link) =
                 match tokio::time::timeout(limits.upstream_response_timeout, exchange).await {
                     Err(_elapsed) => return fail(Failure::Timeout),
-                    Ok(Err(e)) => return fail(classify(e.as_ref())),
+                    Ok(Err(e)) => return broke(e.as_ref()),
                     Ok(Ok(pair)) => pair,
                 };
             let (mut parts, body) = response.into_parts();
@@ -525,7 +529,7 @@ impl Inner {
         .await;
         let mut response = match response {
             Err(_elapsed) => return fail(Failure::Timeout),
-            Ok(Err(e)) => return fail(classify(&e)),
+            Ok(Err(e)) => return broke(&e),
             Ok(Ok(response)) => response,
         };
 
@@ -609,7 +613,15 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> Failure {
     Failure::Refused
 }
 
-fn failure(f: Failure, accept: Option<&HeaderValue>, head: bool) -> Response<ProxyBody> {
+/// The explained response to a failure of the proxy, logged with its id (the
+/// caller is asked to report it), the upstream and the error, if any.
+fn failure(
+    f: Failure,
+    accept: Option<&HeaderValue>,
+    head: bool,
+    upstream: &Authority,
+    error: Option<&(dyn std::error::Error + 'static)>,
+) -> Response<ProxyBody> {
     metrics::counter!("whydenied_upstream_errors_total", "kind" => f.kind()).increment(1);
     let (status, title, detail, step, admin) = match f {
         Failure::Refused => (
@@ -662,10 +674,44 @@ fn failure(f: Failure, accept: Option<&HeaderValue>, head: bool) -> Response<Pro
             None,
         ),
     };
-    tracing::warn!(target: "whydenied", status = status.as_u16(), kind = f.kind(), "proxy failure");
     let id = DenialId::random().unwrap_or_else(|_| DenialId::from_bytes([0; 16]));
+    match error {
+        Some(e) => tracing::warn!(
+            target: "whydenied",
+            denial_id = %id,
+            status = status.as_u16(),
+            kind = f.kind(),
+            upstream = %upstream,
+            error = %ErrorChain(e),
+            "proxy failure"
+        ),
+        None => tracing::warn!(
+            target: "whydenied",
+            denial_id = %id,
+            status = status.as_u16(),
+            kind = f.kind(),
+            "proxy failure"
+        ),
+    }
     let explanation = proxy_failure(status, id, title, detail, step, admin);
     crate::render::response(&explanation, accept, head).map(|body| ProxyBody::Local {
         body: Full::new(body),
     })
+}
+
+/// An error and its sources, as one line (`a: b: c`).
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        // Bounded: a cyclic or endless chain is not followed for ever.
+        for _ in 0..8 {
+            let Some(e) = source else { break };
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
 }
