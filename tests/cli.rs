@@ -119,6 +119,43 @@ async fn wait_for_log(
     }
 }
 
+/// `whydenied serve` on ephemeral ports with JSON logs, in front of
+/// `upstream`: the child, its log lines, and the "whydenied is serving" line.
+async fn spawn_serve(
+    config: &str,
+    upstream: std::net::SocketAddr,
+    extra: &[&str],
+) -> (
+    Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    Value,
+) {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--config",
+            config,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--upstream",
+            &format!("http://{upstream}"),
+            "--log-format",
+            "json",
+        ])
+        .args(extra)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let serving = wait_for_log(&mut lines, "whydenied is serving").await;
+    (child, lines, serving)
+}
+
 fn kill(child: &Child, signal: &str) {
     let pid = child.id().unwrap().to_string();
     let status = std::process::Command::new("kill")
@@ -154,29 +191,7 @@ async fn sigterm_case(extra: &[&str]) {
         &config,
     )
     .unwrap();
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--upstream",
-            &format!("http://{up}"),
-            "--log-format",
-            "json",
-        ])
-        .args(extra)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let serving = wait_for_log(&mut lines, "whydenied is serving").await;
+    let (mut child, mut lines, serving) = spawn_serve(config.to_str().unwrap(), up, extra).await;
     let addr: std::net::SocketAddr = serving["listen"].as_str().unwrap().parse().unwrap();
     let admin = serving["admin"].as_str().unwrap().to_owned();
 
@@ -234,26 +249,7 @@ async fn a_proxy_failure_is_logged_with_its_id_and_error() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--config",
-            "config/whydenied.yaml",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--upstream",
-            &format!("http://{dead}"),
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let serving = wait_for_log(&mut lines, "whydenied is serving").await;
+    let (mut child, mut lines, serving) = spawn_serve("config/whydenied.yaml", dead, &[]).await;
     let addr: std::net::SocketAddr = serving["listen"].as_str().unwrap().parse().unwrap();
     let res = common::send(addr, common::get(addr, "/", &[])).await;
     assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
