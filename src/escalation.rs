@@ -63,8 +63,10 @@ pub struct Escalator {
 
 #[derive(Debug, Default)]
 struct State {
-    windows: HashMap<(usize, u64), Window>,
-    order: VecDeque<(usize, u64)>,
+    // Keyed by the rule's id, not its place in the file: a reload that
+    // reorders or inserts rules keeps each rule's windows and incidents.
+    windows: HashMap<(u64, u64), Window>,
+    order: VecDeque<(u64, u64)>,
 }
 
 fn hash_of(parts: &[&str]) -> u64 {
@@ -136,7 +138,7 @@ impl Escalator {
             if rule.same.contains(&Dimension::Policy) && policy.is_empty() {
                 continue;
             }
-            let key = (index, hash_of(&parts));
+            let key = (hash_of(&[rule.id.as_str()]), hash_of(&parts));
             if !state.windows.contains_key(&key) {
                 while state.windows.len() >= self.max_keys {
                     let Some(old) = state.order.pop_front() else {

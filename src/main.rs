@@ -589,17 +589,25 @@ async fn lookup(id: &str, admin: Uri, json: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let (status, body) = admin_get(&admin, &format!("/denials/{id}")).await?;
+    // What the admin listener sends reaches a terminal: cleaned of control
+    // characters (escape sequences), whoever answers on that address.
     if !status.is_success() {
-        eprintln!("{}", String::from_utf8_lossy(&body).trim_end());
+        eprintln!(
+            "{}",
+            whydenied::escape::clean_prose(String::from_utf8_lossy(&body).trim_end(), 2000)
+        );
         return Ok(ExitCode::FAILURE);
     }
     if json {
-        println!("{}", String::from_utf8_lossy(&body));
+        // Re-serialised: JSON escapes every control character.
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).context("the admin listener's answer is not JSON")?;
+        println!("{v}");
         return Ok(ExitCode::SUCCESS);
     }
     let v: serde_json::Value =
         serde_json::from_slice(&body).context("the admin listener sent no JSON")?;
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+    let s = |v: &serde_json::Value| whydenied::escape::clean_prose(v.as_str().unwrap_or(""), 4000);
     println!("Denial {}", s(&v["denial_id"]));
     println!("  when:      {}", s(&v["ts"]));
     println!(
@@ -613,10 +621,16 @@ async fn lookup(id: &str, admin: Uri, json: bool) -> anyhow::Result<ExitCode> {
         "  caller:    {} from {}",
         v["identity"]["name"]
             .as_str()
-            .map_or("unknown".to_owned(), |n| {
-                format!("{n} ({})", s(&v["identity"]["source"]))
+            .map_or("unknown".to_owned(), |_| {
+                format!(
+                    "{} ({})",
+                    s(&v["identity"]["name"]),
+                    s(&v["identity"]["source"])
+                )
             }),
-        v["client_ip"].as_str().unwrap_or("an unknown address")
+        v["client_ip"]
+            .as_str()
+            .map_or("an unknown address".to_owned(), |_| s(&v["client_ip"]))
     );
     println!("  agent:     {}", s(&v["user_agent"]));
     match v["policy"]["id"].as_str() {
@@ -653,7 +667,7 @@ async fn health(admin: Uri, ready: bool) -> anyhow::Result<ExitCode> {
             eprintln!(
                 "not {}: {path} answered {status}: {}",
                 if ready { "ready" } else { "healthy" },
-                String::from_utf8_lossy(&body).trim_end()
+                whydenied::escape::clean_prose(String::from_utf8_lossy(&body).trim_end(), 2000)
             );
             Ok(ExitCode::FAILURE)
         }

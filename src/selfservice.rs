@@ -313,7 +313,7 @@ where
     let who = denial
         .identity
         .as_ref()
-        .map(|i| i.name.clone())
+        .map(crate::events::IdentityRecord::for_people)
         .or_else(|| denial.client_ip.map(|ip| ip.to_string()))
         .unwrap_or_else(|| "An unidentified caller".to_owned());
     let policy = denial.policy.as_ref().map(|p| p.id.clone());

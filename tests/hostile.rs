@@ -419,3 +419,61 @@ async fn an_open_tunnel_does_not_hold_shutdown() {
         .expect("shutdown waited for the tunnel");
     closed_by_server(&mut tunnel).await;
 }
+
+/// The reload failures counted so far, from the admin listener.
+async fn failed_reloads(admin: SocketAddr) -> u64 {
+    let res = common::send(admin, common::get(admin, "/metrics", &[])).await;
+    common::text(res)
+        .await
+        .lines()
+        .find(|l| l.starts_with("whydenied_config_reloads_total{result=\"failed\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A config path that became a FIFO (or a link to /dev/zero) was read on a
+/// thread that serves requests: with a FIFO the read waited for a writer
+/// for ever and the proxy stopped answering; /dev/zero grew memory without
+/// end. Now each is refused and counted, and requests go on. So is an empty
+/// file (an editor's save in progress would load the defaults).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_path_that_is_not_a_regular_file_is_refused_on_reload() {
+    let (up, _) = upstream::start().await;
+    let dir = std::env::temp_dir().join(format!("whydenied-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("whydenied.yaml");
+    std::fs::write(&path, "intercept: [403]\n").unwrap();
+    let p = common::start_sidecar("intercept: [403]\n", up, Some(path.clone())).await;
+    let swaps: [&dyn Fn(); 3] = [
+        &|| {
+            std::fs::remove_file(&path).unwrap();
+            let made = std::process::Command::new("mkfifo")
+                .arg(&path)
+                .status()
+                .unwrap();
+            assert!(made.success());
+        },
+        &|| {
+            std::fs::remove_file(&path).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        },
+        &|| {
+            std::fs::remove_file(&path).unwrap();
+            std::fs::write(&path, "").unwrap();
+        },
+    ];
+    for (n, swap) in (1..).zip(swaps) {
+        swap();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while failed_reloads(p.admin_addr).await < n {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the bad file was never refused");
+        let res = common::send(p.addr, common::get(p.addr, "/ok", &[])).await;
+        assert_eq!(res.status(), http::StatusCode::OK);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

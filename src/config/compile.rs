@@ -21,13 +21,45 @@ pub(super) const MAX_PATTERN_BYTES: usize = 1024;
 pub(super) const MAX_REGEX_COMPILED_BYTES: usize = 256 * 1024;
 pub(super) const MAX_TEXT_CHARS: usize = 2048;
 
-/// Where errors are reported: the source's name and text.
+/// Most regexes one config may compile (policies and custom signatures):
+/// each costs up to [`MAX_REGEX_COMPILED_BYTES`] and those without a
+/// required literal run on every denied body, so a long file of them could
+/// take gigabytes and seconds per denial.
+pub(super) const MAX_REGEXES: usize = 200;
+
+/// Where errors are reported: the source's name and text; and how many more
+/// regexes it may compile.
 pub(super) struct Ctx<'a> {
     pub(super) name: &'a str,
     pub(super) text: &'a str,
+    pub(super) regexes_left: std::cell::Cell<usize>,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    pub(super) fn new(name: &'a str, text: &'a str, max_regexes: usize) -> Self {
+        Self {
+            name,
+            text,
+            regexes_left: std::cell::Cell::new(max_regexes),
+        }
+    }
+
+    /// Takes one regex from the budget, before it is compiled.
+    pub(super) fn take_regex(&self, at: &Location) -> Result<(), ConfigError> {
+        match self.regexes_left.get().checked_sub(1) {
+            Some(left) => {
+                self.regexes_left.set(left);
+                Ok(())
+            }
+            None => Err(self.err(
+                at,
+                format!(
+                    "more than {MAX_REGEXES} regexes in one config; each costs memory and may run on every denied body: use `contains:` or fewer, broader patterns"
+                ),
+            )),
+        }
+    }
+
     pub(super) fn err(&self, at: &Location, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid(Box::new(Located::new(
             self.name,
@@ -40,7 +72,7 @@ impl Ctx<'_> {
 }
 
 pub(super) fn compile(text: &str, name: &str) -> Result<Config, ConfigError> {
-    let ctx = Ctx { name, text };
+    let ctx = Ctx::new(name, text, MAX_REGEXES);
     let raw: RawConfig = if text.trim().is_empty() {
         RawConfig::default()
     } else {
@@ -428,7 +460,7 @@ pub(super) fn yaml_error(ctx: &Ctx<'_>, e: &serde_saphyr::Error) -> ConfigError 
 }
 
 /// FNV-1a of the config text: a short, stable revision id.
-fn revision(text: &str) -> String {
+pub(crate) fn revision(text: &str) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {
         hash ^= u64::from(b);

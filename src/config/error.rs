@@ -26,6 +26,13 @@ pub enum ConfigError {
         /// The limit.
         limit: u64,
     },
+    /// The path is not a regular file (a FIFO or a device would block or
+    /// never end; a directory has no text).
+    #[error("cannot read config file {}: not a regular file", path.display())]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+    },
     /// The YAML is malformed or a value is wrong.
     #[error("{0}")]
     Invalid(Box<Located>),
@@ -35,7 +42,7 @@ impl ConfigError {
     /// Line and column (1-based) of the problem, when known.
     pub fn location(&self) -> Option<(u64, u64)> {
         match self {
-            ConfigError::Invalid(l) => Some((l.line, l.column)),
+            ConfigError::Invalid(l) if l.line > 0 => Some((l.line, l.column)),
             _ => None,
         }
     }
@@ -77,6 +84,10 @@ impl Located {
 
 impl fmt::Display for Located {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            // No place in the file (a problem of the config as a whole).
+            return write!(f, "{}: {}", self.source, self.message);
+        }
         write!(
             f,
             "{}:{}:{}: {}",
@@ -91,6 +102,9 @@ impl fmt::Display for Located {
 
 /// The source line with a caret under the column.
 fn snippet(text: &str, line: u64, column: u64) -> String {
+    if line == 0 {
+        return String::new();
+    }
     let Some(source_line) = text.lines().nth(line.saturating_sub(1) as usize) else {
         return String::new();
     };

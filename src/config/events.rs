@@ -241,8 +241,9 @@ pub enum SinkKind {
     Webhook(WebhookSpec),
 }
 
-/// A compiled webhook sink.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A compiled webhook sink. Its `Debug` shows neither the secret nor the
+/// extra headers' values (they usually carry a token).
+#[derive(Clone, PartialEq, Eq)]
 pub struct WebhookSpec {
     /// Where.
     pub url: Uri,
@@ -256,6 +257,26 @@ pub struct WebhookSpec {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// CA file for https.
     pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for WebhookSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSpec")
+            .field("url", &format_args!("{}", self.url))
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field(
+                "headers",
+                &self
+                    .headers
+                    .iter()
+                    .map(|(name, _)| (name.as_str(), "<redacted>"))
+                    .collect::<Vec<_>>(),
+            )
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
 }
 
 /// What an escalation rule keys on.
@@ -414,6 +435,16 @@ pub(crate) fn compile(
             .as_ref()
             .map(|q| q.referenced)
             .unwrap_or(Location::UNKNOWN);
+        // Names reach metric labels and thread names.
+        if !super::compile::is_id(name) || name.len() > 64 {
+            return Err(err(
+                &at,
+                format!(
+                    "sink name `{}` must be 1 to 64 of A-Z, a-z, 0-9, -, _ and .",
+                    crate::escape::clean(name, 64)
+                ),
+            ));
+        }
         let given = [
             raw.stdout.is_some(),
             raw.stderr.is_some(),
@@ -471,6 +502,17 @@ pub(crate) fn compile(
                 (None, Some(s)) => Some(s.clone().into_bytes()),
                 (None, None) => None,
             };
+            if secret.as_ref().is_some_and(Vec::is_empty) {
+                let at = w
+                    .secret_env
+                    .as_ref()
+                    .map_or(w.url.referenced, |v| v.referenced);
+                return Err(err(
+                    &at,
+                    "the webhook secret is empty: an empty key signs nothing a receiver can trust"
+                        .into(),
+                ));
+            }
             let mut headers = Vec::new();
             for (k, v) in &w.headers {
                 let name = HeaderName::from_bytes(k.as_bytes())
@@ -527,6 +569,12 @@ pub(crate) fn compile(
     if let Some(esc) = escalation {
         let mut seen = std::collections::HashSet::new();
         for r in &esc.rules {
+            if !super::compile::is_id(&r.id.value) || r.id.value.len() > 64 {
+                return Err(err(
+                    &r.id.referenced,
+                    "a rule id must be 1 to 64 of A-Z, a-z, 0-9, -, _ and .".into(),
+                ));
+            }
             if !seen.insert(r.id.value.clone()) {
                 return Err(err(
                     &r.id.referenced,

@@ -6,6 +6,8 @@
 //! of the first problem; nothing is ever half-loaded.
 
 mod compile;
+#[cfg(feature = "sidecar")]
+pub(crate) use compile::revision;
 mod error;
 pub mod events;
 mod policies;
@@ -84,6 +86,46 @@ pub struct Limits {
     pub shutdown_grace: Duration,
 }
 
+/// Reads a config file: a regular file (a FIFO or a device such as
+/// /dev/zero, put in its place by mistake, would block the reader or never
+/// end), of at most [`MAX_CONFIG_BYTES`] (checked on what was opened, and
+/// again on what was read: the file may grow meanwhile).
+pub(crate) fn read_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read as _;
+    let read_err = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let not_a_file = || ConfigError::NotAFile {
+        path: path.to_owned(),
+    };
+    let too_large = |size| ConfigError::TooLarge {
+        name: path.display().to_string(),
+        size,
+        limit: MAX_CONFIG_BYTES,
+    };
+    // Before opening: opening a FIFO waits for a writer.
+    if !std::fs::metadata(path).map_err(read_err)?.is_file() {
+        return Err(not_a_file());
+    }
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(not_a_file());
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_large(meta.len()));
+    }
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_large(text.len() as u64));
+    }
+    Ok(text)
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -143,19 +185,7 @@ impl Config {
     /// Reads, parses and compiles a YAML config file. Errors name the file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
         let path = path.as_ref();
-        let read_err = |source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let size = std::fs::metadata(path).map_err(read_err)?.len();
-        if size > MAX_CONFIG_BYTES {
-            return Err(ConfigError::TooLarge {
-                name: path.display().to_string(),
-                size,
-                limit: MAX_CONFIG_BYTES,
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(read_err)?;
+        let text = read_file(path)?;
         Self::parse(&text, &path.display().to_string())
     }
 

@@ -196,6 +196,7 @@ impl<'a> PolicyBuilder<'a> {
             extract: match &raw.extract {
                 None => None,
                 Some(x) => {
+                    ctx.take_regex(&x.regex.referenced)?;
                     let re = regex::bytes::RegexBuilder::new(&x.regex.value)
                         .size_limit(MAX_REGEX_COMPILED_BYTES)
                         .build()
@@ -523,6 +524,7 @@ fn body_cond(
                     ),
                 ));
             }
+            ctx.take_regex(&body.referenced)?;
             let re = regex::bytes::RegexBuilder::new(pattern)
                 .size_limit(MAX_REGEX_COMPILED_BYTES)
                 .dfa_size_limit(4 * MAX_REGEX_COMPILED_BYTES)
@@ -560,7 +562,8 @@ fn template(ctx: &Ctx<'_>, text: &Spanned<String>) -> Result<Template, ConfigErr
 
 /// Compiles a signature pack file (`signatures: [...]`).
 pub(crate) fn compile_pack(text: &str, name: &str) -> Result<PolicySet, ConfigError> {
-    let ctx = Ctx { name, text };
+    // The built-in pack is ours, not input: no regex budget.
+    let ctx = Ctx::new(name, text, usize::MAX);
     let raw: super::raw::RawPack =
         serde_saphyr::from_str(text).map_err(|e| yaml_error(&ctx, &e))?;
     let networks = HashMap::new();

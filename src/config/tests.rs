@@ -292,3 +292,36 @@ fn the_kubernetes_example_config_loads() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(!config.policies().is_empty());
 }
+
+#[test]
+fn a_config_of_too_many_regexes_is_refused_at_the_first_one_over() {
+    let policy = |i: usize| {
+        format!(
+            "  - {{ id: p{i}, match: {{ body: {{ regex: \"(a|b)*c{i}\" }} }}, cause: permission }}\n"
+        )
+    };
+    let fits: String = (0..200).map(policy).collect();
+    Config::from_yaml_str(&format!("policies:\n{fits}")).unwrap();
+    let over: String = (0..201).map(policy).collect();
+    // Line 202: the 201st policy (line 1 is `policies:`).
+    assert_err(
+        &format!("policies:\n{over}"),
+        202,
+        32,
+        "more than 200 regexes",
+    );
+}
+
+#[test]
+fn sink_names_rule_ids_and_webhook_secrets_are_checked() {
+    // A NUL in a sink name passed `check`, then panicked every denial's
+    // sink start (thread names may not hold NUL).
+    let e = err("sinks:\n  \"con\\0sole\": { stderr: {}, queue: 10 }\n");
+    assert!(e.to_string().contains("sink name"), "{e}");
+    let e = err(
+        "sinks:\n  c: { stderr: {} }\nescalation:\n  rules:\n    - { id: \"a b\", same: [policy], count: 2, within: 1m, notify: [c] }\n",
+    );
+    assert!(e.to_string().contains("rule id"), "{e}");
+    let e = err("sinks:\n  h: { webhook: { url: \"http://127.0.0.1:9/x\", secret: \"\" } }\n");
+    assert!(e.to_string().contains("secret is empty"), "{e}");
+}

@@ -35,6 +35,18 @@ pub struct IdentityRecord {
     pub source: &'static str,
 }
 
+impl IdentityRecord {
+    /// The name as a summary for people shows it: one read from a token
+    /// that whydenied did not verify says so (the caller may have made it up).
+    pub fn for_people(&self) -> String {
+        if self.source == "jwt_unverified" {
+            format!("{} (named by a token whydenied did not verify)", self.name)
+        } else {
+            self.name.clone()
+        }
+    }
+}
+
 /// The matched policy, as recorded.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]

@@ -214,7 +214,7 @@ impl Recorder {
         let display_caller = event
             .identity
             .as_ref()
-            .map(|i| i.name.clone())
+            .map(IdentityRecord::for_people)
             .or_else(|| event.client_ip.map(|ip| ip.to_string()))
             .unwrap_or_else(|| "an unidentified caller".to_owned());
         let due = self.escalator.observe(

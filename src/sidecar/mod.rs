@@ -125,6 +125,13 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let admin_listener = server::bind(admin_listen, "admin listener").await?;
     let addr = data.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
+    if !admin_addr.ip().is_loopback() {
+        tracing::warn!(
+            target: "whydenied",
+            admin = %admin_addr,
+            "the admin listener is reachable beyond this host: it serves metrics and the recorded events of denials (GET /denials/ID, with client addresses and identities); limit who can reach it"
+        );
+    }
 
     let metrics = telemetry::metrics();
     metrics::gauge!("whydenied_config_info", "revision" => revision.clone()).set(1.0);

@@ -5,7 +5,10 @@
 //! mounted directory) is seen like an in-place edit. A new config is parsed
 //! and compiled fully, then swapped in one step; requests in flight finish on
 //! the config they started with. A bad file changes nothing: it is logged with
-//! its location and counted.
+//! its location and counted: so is a path that is not a regular file (a
+//! FIFO or a device would block or never end), a file over the size limit,
+//! and an empty file (an editor's save in progress). Reading and compiling
+//! run on tokio's blocking threads, not on those that serve requests.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -49,9 +52,33 @@ impl Reloader {
         Self { path, handle }
     }
 
-    /// Reads, compiles and swaps in the file now. Returns whether it loaded.
+    /// Reads, compiles and swaps in the file now. Returns whether the file
+    /// is what runs now (loaded, or unchanged). Blocking: it reads a file and
+    /// compiles a config, which may take a while; [`Reloader::run`] calls it
+    /// on tokio's blocking threads, never on a thread that serves requests.
     pub fn reload(&self, why: &str) -> bool {
-        match Config::from_file(&self.path) {
+        let text = crate::config::read_file(&self.path);
+        if let Ok(text) = &text {
+            // Touched but not changed (or written back as it was).
+            if crate::config::revision(text) == self.handle.load().revision() {
+                tracing::debug!(target: "whydenied", trigger = why, "config unchanged");
+                return true;
+            }
+            // An editor that truncates the file, then writes it: the empty
+            // moment would load the defaults.
+            if text.trim().is_empty() {
+                tracing::error!(
+                    target: "whydenied",
+                    trigger = why,
+                    "config reload failed: the file is empty (being written?); keeping the running config"
+                );
+                metrics::counter!("whydenied_config_reloads_total", "result" => "failed")
+                    .increment(1);
+                return false;
+            }
+        }
+        let path = self.path.display().to_string();
+        match text.and_then(|text| Config::parse(&text, &path)) {
             Ok(config) => {
                 let old = self.handle.load();
                 if old.listen() != config.listen()
@@ -93,6 +120,12 @@ impl Reloader {
         }
     }
 
+    /// [`Reloader::reload`] on a blocking thread.
+    async fn reload_off_thread(&self, why: &'static str) {
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || this.reload(why)).await;
+    }
+
     /// Watches for SIGHUP and file changes until the task is dropped.
     pub async fn run(self) {
         let mut last = fingerprint(&self.path);
@@ -112,13 +145,13 @@ impl Reloader {
             let hangup = std::future::pending::<Option<()>>();
             tokio::select! {
                 _ = hangup => {
-                    self.reload("SIGHUP");
+                    self.reload_off_thread("SIGHUP").await;
                     last = fingerprint(&self.path);
                 }
                 _ = tick.tick() => {
                     let now = fingerprint(&self.path);
                     if now.is_some() && now != last {
-                        self.reload("file changed");
+                        self.reload_off_thread("file changed").await;
                         last = now;
                     }
                 }

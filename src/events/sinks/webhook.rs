@@ -16,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use sha2::Sha256;
 
-use super::{Throttle, dropped, failed};
+use super::{Retired, Throttle, dropped, failed};
 use crate::config::events::WebhookSpec;
 
 #[cfg(feature = "tls")]
@@ -63,7 +63,13 @@ fn backoff(attempt: u32) -> Duration {
     capped + Duration::from_millis(jitter)
 }
 
-pub(super) fn run(name: &str, target: WebhookSpec, rx: Receiver<Arc<str>>, throttle: &Throttle) {
+pub(super) fn run(
+    name: &str,
+    target: WebhookSpec,
+    rx: Receiver<Arc<str>>,
+    throttle: &Throttle,
+    retired: &Retired,
+) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -95,6 +101,17 @@ pub(super) fn run(name: &str, target: WebhookSpec, rx: Receiver<Arc<str>>, throt
             .build(connector)
     });
     for line in rx {
+        // No longer used: what is left is delivered once each, and only for
+        // a while.
+        if retired.drained_long_enough() {
+            dropped(name, throttle, "sink replaced or stopped");
+            continue;
+        }
+        let retries = if retired.is_retired() {
+            0
+        } else {
+            target.retries
+        };
         let body = Bytes::copy_from_slice(line.as_bytes());
         let kind = if line.contains("\"event\":\"escalation\"") {
             "escalation"
@@ -102,7 +119,7 @@ pub(super) fn run(name: &str, target: WebhookSpec, rx: Receiver<Arc<str>>, throt
             "denial"
         };
         let delivered = runtime.block_on(async {
-            for attempt in 0..=target.retries {
+            for attempt in 0..=retries {
                 if attempt > 0 {
                     metrics::counter!("whydenied_webhook_retries_total", "sink" => name.to_owned())
                         .increment(1);
