@@ -393,6 +393,7 @@ Try these (the status never changes; the explanation follows Accept):
   # Internal tools from outside the office network (X-Forwarded-For is
   # believed from 127.0.0.1, a trusted proxy in the shipped config):
   curl -s {u}/internal/metrics -H 'cookie: session=demo' -H 'accept: text/plain'
+  # ... and from the office network, where the service lets it through:
   curl -i {u}/internal/metrics -H 'cookie: session=demo' -H 'x-forwarded-for: 192.0.2.10'
   # A rule that must not say which rule fired (expose: minimal):
   curl -s {u}/debug/vars -H 'accept: text/plain'

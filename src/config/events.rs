@@ -412,6 +412,10 @@ fn sink_names(
         .collect()
 }
 
+/// The most denials kept for lookup, and the most keys escalation rules
+/// track: bounds on memory whatever the config says.
+const MAX_KEPT: u32 = 1_000_000;
+
 /// Compiles the three sections.
 pub(crate) fn compile(
     events: Option<&RawEvents>,
@@ -548,6 +552,14 @@ pub(crate) fn compile(
     if let Some(e) = events {
         out.denial_sinks = sink_names(&e.sinks, sinks, err)?;
         if let Some(m) = &e.recent_max {
+            if m.value > MAX_KEPT {
+                return Err(err(
+                    &m.referenced,
+                    format!(
+                        "`recent_max` is at most {MAX_KEPT} (each kept denial takes a few KiB)"
+                    ),
+                ));
+            }
             out.recent_max = m.value as usize;
         }
         out.recent_max_age =
@@ -656,6 +668,14 @@ pub(crate) fn compile(
             });
         }
         if let Some(m) = &esc.max_tracked_keys {
+            if m.value > MAX_KEPT {
+                return Err(err(
+                    &m.referenced,
+                    format!(
+                        "`max_tracked_keys` is at most {MAX_KEPT} (each key holds a window of recent denials)"
+                    ),
+                ));
+            }
             out.max_tracked_keys = (m.value as usize).max(16);
         }
     }

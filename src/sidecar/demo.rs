@@ -112,9 +112,23 @@ pub fn answer(req: &Request<Incoming>) -> Response<Full<Bytes>> {
             &[("content-type", "application/xml"), ("server", "AmazonS3")],
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message><RequestId>4442587FB7D0A2F9</RequestId><HostId>demo</HostId></Error>",
         ),
-        p if p.starts_with("/internal") || p.starts_with("/debug") => {
-            respond(StatusCode::FORBIDDEN, &text, "Forbidden\n")
+        p if p.starts_with("/internal") => {
+            // Like an app behind a network check: the office network
+            // (192.0.2.0/24 in the shipped config) gets in. The client is
+            // the first address of X-Forwarded-For, which whydenied set.
+            let client = h
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(',').next())
+                .map(str::trim)
+                .unwrap_or("");
+            if client.starts_with("192.0.2.") {
+                respond(StatusCode::OK, &text, "internal metrics: all green\n")
+            } else {
+                respond(StatusCode::FORBIDDEN, &text, "Forbidden\n")
+            }
         }
+        p if p.starts_with("/debug") => respond(StatusCode::FORBIDDEN, &text, "Forbidden\n"),
         "/legal" => respond(
             StatusCode::UNAVAILABLE_FOR_LEGAL_REASONS,
             &text,

@@ -85,10 +85,12 @@ impl Reloader {
                     || old.admin_listen() != config.admin_listen()
                     || old.upstream() != config.upstream()
                     || old.limits() != config.limits()
+                    || old.events().recent_max != config.events().recent_max
+                    || old.events().max_tracked_keys != config.events().max_tracked_keys
                 {
                     tracing::warn!(
                         target: "whydenied",
-                        "listen, admin, upstream and limits apply at start; restart to use the new values"
+                        "listen, admin, upstream, limits, events.recent_max and escalation.max_tracked_keys apply at start; restart to use the new values"
                     );
                 }
                 metrics::gauge!("whydenied_config_info", "revision" => old.revision().to_owned())
