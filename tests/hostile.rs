@@ -420,15 +420,27 @@ async fn an_open_tunnel_does_not_hold_shutdown() {
     closed_by_server(&mut tunnel).await;
 }
 
-/// The reload failures counted so far, from the admin listener.
-async fn failed_reloads(admin: SocketAddr) -> u64 {
+/// The reloads counted so far with this result, from the admin listener.
+async fn reloads(admin: SocketAddr, result: &str) -> u64 {
     let res = common::send(admin, common::get(admin, "/metrics", &[])).await;
+    let line = format!("whydenied_config_reloads_total{{result=\"{result}\"}}");
     common::text(res)
         .await
         .lines()
-        .find(|l| l.starts_with("whydenied_config_reloads_total{result=\"failed\"}"))
+        .find(|l| l.starts_with(&line))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// Waits until `reloads(admin, result)` reaches `n`.
+async fn wait_for_reloads(admin: SocketAddr, result: &str, n: u64) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while reloads(admin, result).await < n {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {result} reload counted"));
 }
 
 /// A config path that became a FIFO (or a link to /dev/zero) was read on a
@@ -445,6 +457,9 @@ async fn a_config_path_that_is_not_a_regular_file_is_refused_on_reload() {
     let path = dir.join("whydenied.yaml");
     std::fs::write(&path, "intercept: [403]\n").unwrap();
     let p = common::start_sidecar("intercept: [403]\n", up, Some(path.clone())).await;
+    // The watcher is running once it has loaded a change.
+    std::fs::write(&path, "intercept: [403, 401]\n").unwrap();
+    wait_for_reloads(p.admin_addr, "ok", 1).await;
     let swaps: [&dyn Fn(); 3] = [
         &|| {
             std::fs::remove_file(&path).unwrap();
@@ -465,13 +480,7 @@ async fn a_config_path_that_is_not_a_regular_file_is_refused_on_reload() {
     ];
     for (n, swap) in (1..).zip(swaps) {
         swap();
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while failed_reloads(p.admin_addr).await < n {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the bad file was never refused");
+        wait_for_reloads(p.admin_addr, "failed", n).await;
         let res = common::send(p.addr, common::get(p.addr, "/ok", &[])).await;
         assert_eq!(res.status(), http::StatusCode::OK);
     }

@@ -442,6 +442,11 @@ impl Registered {
         raised(&self.stopping.stopped)
     }
 
+    /// Whether the listener has stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.stopping.stopped.load(Relaxed)
+    }
+
     /// Ready once the grace period is over.
     pub fn aborted(&self) -> impl Future<Output = ()> + '_ {
         raised(&self.stopping.aborted)

@@ -8,7 +8,6 @@
 //! Forwarding headers are set *after* hop-by-hop removal, so a client that
 //! sends `Connection: X-Forwarded-For` cannot strip them.
 
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -139,33 +138,21 @@ pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop) {
         }
     }
     let believed = incoming && hop.trusted;
-    let mut ip = String::with_capacity(48);
+    let mut ip = Vec::with_capacity(48);
     push_ip(&mut ip, peer_ip);
-    let mut element = String::with_capacity(64);
-    element.push_str("for=");
-    if peer_ip.is_ipv4() {
-        element.push_str(&ip);
-    } else {
-        element.push_str("\"[");
-        element.push_str(&ip);
-        element.push_str("]\"");
-    }
-    element.push_str(";proto=");
-    element.push_str(hop.proto);
-    if let Some(host) = hop.host.as_ref().and_then(|h| h.to_str().ok())
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-    {
-        element.push_str(";host=\"");
-        element.push_str(host);
-        element.push('"');
-    }
+    let mut element = Vec::with_capacity(64);
+    forwarded_element(
+        &mut element,
+        &ip,
+        peer_ip.is_ipv4(),
+        hop.proto,
+        hop.host.as_ref().map(HeaderValue::as_bytes),
+    );
     let xff = match believed
         .then(|| joined(headers, &X_FORWARDED_FOR))
         .flatten()
     {
-        Some(chain) => format!("{chain}, {ip}"),
+        Some(chain) => [chain.as_bytes(), b", ", &ip].concat(),
         None => ip,
     };
     if let Some(v) = owned_value(xff) {
@@ -183,7 +170,7 @@ pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop) {
         .then(|| joined(headers, &header::FORWARDED))
         .flatten()
     {
-        Some(chain) => format!("{chain}, {element}"),
+        Some(chain) => [chain.as_bytes(), b", ", &element].concat(),
         None => element,
     };
     if let Some(v) = owned_value(forwarded) {
@@ -199,47 +186,86 @@ pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop) {
 /// (nginx's), `True-Client-IP` (Akamai's, Cloudflare's), `X-Client-IP`,
 /// `CF-Connecting-IP` and `Fastly-Client-IP`.
 fn is_client_claim(name: &HeaderName) -> bool {
-    let name = name.as_str();
-    match name.as_bytes().first() {
+    is_client_claim_name(name.as_str().as_bytes())
+}
+
+/// [`is_client_claim`] for a header name as it came on the wire (any case).
+pub(super) fn is_client_claim_name(name: &[u8]) -> bool {
+    let is = |word: &str| name.eq_ignore_ascii_case(word.as_bytes());
+    match name.first().map(u8::to_ascii_lowercase) {
         Some(b'x') => {
-            name.starts_with("x-forwarded-") || name == "x-real-ip" || name == "x-client-ip"
+            name.get(..12)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"x-forwarded-"))
+                || is("x-real-ip")
+                || is("x-client-ip")
         }
-        Some(b'f') => name == "forwarded" || name == "fastly-client-ip",
-        Some(b't') => name == "true-client-ip",
-        Some(b'c') => name == "cf-connecting-ip",
+        Some(b'f') => is("forwarded") || is("fastly-client-ip"),
+        Some(b't') => is("true-client-ip"),
+        Some(b'c') => is("cf-connecting-ip"),
         _ => false,
+    }
+}
+
+/// Appends the `Forwarded` element of one hop (RFC 7239): the address
+/// (`ip`, already in text; an IPv6 one bracketed and quoted), the scheme,
+/// and the host when it can be quoted as it is.
+pub(super) fn forwarded_element(
+    out: &mut Vec<u8>,
+    ip: &[u8],
+    v4: bool,
+    proto: &str,
+    host: Option<&[u8]>,
+) {
+    out.extend_from_slice(b"for=");
+    if v4 {
+        out.extend_from_slice(ip);
+    } else {
+        out.extend_from_slice(b"\"[");
+        out.extend_from_slice(ip);
+        out.extend_from_slice(b"]\"");
+    }
+    out.extend_from_slice(b";proto=");
+    out.extend_from_slice(proto.as_bytes());
+    if let Some(host) = host
+        && host
+            .iter()
+            .all(|b| b.is_ascii_graphic() && *b != b'"' && *b != b'\\')
+    {
+        out.extend_from_slice(b";host=\"");
+        out.extend_from_slice(host);
+        out.push(b'"');
     }
 }
 
 /// Appends an address in its usual text form (IPv4 without the formatting
 /// machinery: this runs for every request).
-fn push_ip(out: &mut String, ip: IpAddr) {
+pub(super) fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
         IpAddr::V4(v4) => {
             for (i, octet) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    out.push(b'.');
                 }
                 if octet >= 100 {
-                    out.push(char::from(b'0' + octet / 100));
+                    out.push(b'0' + octet / 100);
                 }
                 if octet >= 10 {
-                    out.push(char::from(b'0' + octet / 10 % 10));
+                    out.push(b'0' + octet / 10 % 10);
                 }
-                out.push(char::from(b'0' + octet % 10));
+                out.push(b'0' + octet % 10);
             }
         }
         IpAddr::V6(v6) => {
-            let _ = write!(out, "{v6}");
+            let _ = std::io::Write::write_fmt(out, format_args!("{v6}"));
         }
     }
 }
 
-/// A header value that takes over the string's buffer (no copy). Shrunk to
-/// its length first: `Bytes` adopts an exactly sized buffer as it is, but
+/// A header value that takes over the buffer (no copy). Shrunk to its
+/// length first: `Bytes` adopts an exactly sized buffer as it is, but
 /// allocates a separate shared header for one with spare capacity.
-fn owned_value(text: String) -> Option<HeaderValue> {
-    let exact = text.into_boxed_str().into_boxed_bytes();
+fn owned_value(text: Vec<u8>) -> Option<HeaderValue> {
+    let exact = text.into_boxed_slice();
     HeaderValue::from_maybe_shared(bytes::Bytes::from(exact)).ok()
 }
 
@@ -280,9 +306,9 @@ mod tests {
             "::1",
         ] {
             let ip: IpAddr = text.parse().unwrap();
-            let mut out = String::new();
+            let mut out = Vec::new();
             push_ip(&mut out, ip);
-            assert_eq!(out, ip.to_string());
+            assert_eq!(out, ip.to_string().as_bytes());
         }
     }
 

@@ -12,6 +12,7 @@ pub mod conn;
 pub mod demo;
 pub mod direct;
 pub mod hop;
+pub mod lane;
 pub mod proxy;
 pub mod reload;
 pub mod server;
@@ -141,6 +142,18 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
     let stopping = Arc::new(conn::Stopping::default());
     let proxy = proxy::Proxy::new(handle.clone(), upstream.clone(), Some(stopping.clone()))
         .map_err(StartError::Tls)?;
+    // The fast lane serves plain HTTP/1.1 to an http:// upstream
+    // (WHYDENIED_FAST_LANE=off leaves everything to hyper).
+    let lane = (upstream_uri.scheme() == Some(&http::uri::Scheme::HTTP)
+        && std::env::var("WHYDENIED_FAST_LANE").map_or(true, |v| v != "off"))
+    .then(|| {
+        Arc::new(lane::Lane::new(
+            handle.clone(),
+            layer.clone(),
+            upstream_uri.clone(),
+            stopping.clone(),
+        ))
+    });
     let for_connection = move |peer| {
         layer
             .layer(proxy.for_connection(peer))
@@ -170,6 +183,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
             record_metrics: true,
             name: "proxy",
             stopping,
+            lane,
         },
         until_stopped(stopped.clone()),
     ));
@@ -181,6 +195,7 @@ pub async fn start(options: Options) -> Result<Running, StartError> {
             record_metrics: false,
             name: "admin",
             stopping: Arc::default(),
+            lane: None,
         },
         until_stopped(stopped),
     ));

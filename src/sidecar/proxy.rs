@@ -336,7 +336,7 @@ impl Service<Request<Incoming>> for Proxy {
 
 /// Why the upstream exchange failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Failure {
+pub(super) enum Failure {
     Refused,
     Timeout,
     BodyTooLarge,
@@ -567,7 +567,7 @@ impl Inner {
 
 /// Header hygiene on an upstream response (not an upgrade), and the reason
 /// phrase of an error kept for the explanation.
-fn upstream_head(parts: &mut http::response::Parts) {
+pub(super) fn upstream_head(parts: &mut http::response::Parts) {
     hop::strip_hop_by_hop(&mut parts.headers, false);
     if parts.status.is_client_error() || parts.status.is_server_error() {
         let reason = parts
@@ -597,7 +597,7 @@ fn join_cookies(headers: &mut http::HeaderMap) {
     }
 }
 
-fn classify(e: &(dyn std::error::Error + 'static)) -> Failure {
+pub(super) fn classify(e: &(dyn std::error::Error + 'static)) -> Failure {
     let mut source = Some(e);
     while let Some(err) = source {
         if err.is::<http_body_util::LengthLimitError>() {
@@ -615,7 +615,7 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> Failure {
 
 /// The explained response to a failure of the proxy, logged with its id (the
 /// caller is asked to report it), the upstream and the error, if any.
-fn failure(
+pub(super) fn failure(
     f: Failure,
     accept: Option<&HeaderValue>,
     head: bool,

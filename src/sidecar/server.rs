@@ -22,6 +22,7 @@ use tokio::time::Instant as TokioInstant;
 use tower_service::Service;
 
 use super::conn::{Activity, Conn, Counted, Deadlines, Stopping, Verdict, Watched};
+use super::lane::{Lane, Outcome};
 
 use crate::config::Limits;
 
@@ -36,6 +37,9 @@ pub struct ServeSettings {
     /// Tells the listener's connections (and the tunnels its proxy opens)
     /// to wind down; `serve` raises it when `shutdown` resolves.
     pub stopping: Arc<Stopping>,
+    /// The fast lane, which serves plain HTTP/1.1 exchanges first and hands
+    /// the rest to hyper (see [`super::lane`]).
+    pub lane: Option<Arc<Lane>>,
 }
 
 /// Serves on `listener` until `shutdown` resolves, then waits for in-flight
@@ -83,6 +87,8 @@ pub async fn serve<M, S, B>(
         idle: limits.idle_timeout,
     };
     let stopping = settings.stopping;
+    let lane = settings.lane;
+    let lane_limits = Arc::new(limits.clone());
     tokio::pin!(shutdown);
 
     loop {
@@ -126,10 +132,19 @@ pub async fn serve<M, S, B>(
                 }
             })
         };
-        let io = Watched::new(TokioIo::new(stream), state.clone());
         let builder = builder.clone();
         let stopping = stopping.clone();
+        let lane = lane.clone();
+        let lane_limits = lane_limits.clone();
         tokio::spawn(async move {
+            let (stream, read) = match lane {
+                Some(lane) => match lane.serve(stream, peer, &state, &lane_limits).await {
+                    Outcome::Closed => return,
+                    Outcome::Hyper(stream, read) => (stream, read.freeze()),
+                },
+                None => (stream, Bytes::new()),
+            };
+            let io = Watched::new(TokioIo::new(Replay::new(stream, read)), state.clone());
             let conn = builder.serve_connection_with_upgrades(io, per_request);
             supervise(conn, &state, deadlines, stopping, peer).await;
         });
@@ -221,6 +236,80 @@ async fn supervise<C>(
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A connection that first gives back the bytes already read from it
+    /// (by the fast lane) and then reads on.
+    pub struct Replay<T> {
+        read: Bytes,
+        #[pin]
+        io: T,
+    }
+}
+
+impl<T> Replay<T> {
+    fn new(io: T, read: Bytes) -> Self {
+        Self { read, io }
+    }
+}
+
+impl<T: tokio::io::AsyncRead> tokio::io::AsyncRead for Replay<T> {
+    #[inline]
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        if this.read.is_empty() {
+            return this.io.poll_read(cx, buf);
+        }
+        let n = this.read.len().min(buf.remaining());
+        buf.put_slice(&this.read.split_to(n));
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Replay<T> {
+    #[inline]
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    #[inline]
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    #[inline]
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    #[inline]
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    #[inline]
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
 /// A connection that can be asked to finish what it has and close.
 trait Winding {
     fn wind(self: Pin<&mut Self>);
@@ -274,7 +363,7 @@ fn request_metrics() -> &'static RequestMetrics {
     })
 }
 
-fn record_request(status: u16, elapsed: Duration) {
+pub(super) fn record_request(status: u16, elapsed: Duration) {
     let m = request_metrics();
     match m.by_status.iter().find(|(code, _)| *code == status) {
         Some((_, counter)) => counter.increment(1),

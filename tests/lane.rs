@@ -1,0 +1,249 @@
+//! The sidecar's fast lane (src/sidecar/lane.rs) against an upstream that
+//! answers with scripted bytes: framing it must relay exactly, framing it
+//! must refuse, and the hand-over to hyper at a request boundary. Real
+//! sockets on 127.0.0.1.
+#![cfg(feature = "sidecar")]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const GUARD: Duration = Duration::from_secs(30);
+
+/// What the scripted upstream saw: the request heads, by connection.
+type Seen = Arc<Mutex<Vec<Vec<String>>>>;
+
+/// An upstream that answers the n-th request head on each connection with
+/// `script[n]` (raw bytes), then closes that connection after the script.
+async fn scripted(script: Vec<&'static [u8]>) -> (SocketAddr, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Seen = Arc::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let script = script.clone();
+            let record = record.clone();
+            tokio::spawn(async move {
+                let index = {
+                    let mut all = record.lock().unwrap();
+                    all.push(Vec::new());
+                    all.len() - 1
+                };
+                let mut pending = Vec::new();
+                for answer in script {
+                    // One request head (the lane sends no bodies).
+                    let head = loop {
+                        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head: Vec<u8> = pending.drain(..end + 4).collect();
+                            break String::from_utf8_lossy(&head).into_owned();
+                        }
+                        let mut buf = [0u8; 4096];
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    record.lock().unwrap()[index].push(head);
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Reads from `s` until the connection closes (or the guard runs out).
+async fn read_to_close(s: &mut TcpStream) -> String {
+    let mut all = Vec::new();
+    let _ = tokio::time::timeout(GUARD, s.read_to_end(&mut all)).await;
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+/// Reads from `s` until `done` says the text so far is complete.
+async fn read_until(s: &mut TcpStream, done: impl Fn(&str) -> bool) -> String {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 8192];
+    while !done(&String::from_utf8_lossy(&all)) {
+        let n = tokio::time::timeout(GUARD, s.read(&mut buf))
+            .await
+            .expect("the answer never completed")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&all));
+        all.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+const GET: &[u8] = b"GET /a HTTP/1.1\r\nhost: app.example\r\naccept: text/plain\r\n\r\n";
+
+#[tokio::test]
+async fn a_chunked_body_with_extensions_and_trailers_is_relayed_exactly_and_the_connection_reused()
+{
+    let body = b"4;note=x\r\nwiki\r\n5\r\npedia\r\n0\r\nx-checksum: 42\r\n\r\n";
+    let answer: &'static [u8] = Box::leak(
+        [
+            &b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+            &body[..],
+        ]
+        .concat()
+        .into_boxed_slice(),
+    );
+    let (up, seen) = scripted(vec![answer, answer]).await;
+    let p = common::start_sidecar("", up, None).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(&[GET, GET].concat()).await.unwrap();
+    let both = read_until(&mut s, |t| t.matches("x-checksum: 42\r\n\r\n").count() == 2).await;
+    let body = std::str::from_utf8(body).unwrap();
+    assert_eq!(both.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{both}");
+    assert_eq!(
+        both.matches("\r\ntransfer-encoding: chunked\r\n").count(),
+        2,
+        "{both}"
+    );
+    assert_eq!(
+        both.matches(&format!("\r\n\r\n{body}")).count(),
+        2,
+        "{both}"
+    );
+    // Two requests, one upstream connection.
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].len(), 2);
+    assert!(
+        seen[0][0].contains("x-forwarded-for: 127.0.0.1\r\n"),
+        "{}",
+        seen[0][0]
+    );
+    assert!(
+        seen[0][0].contains("forwarded: for=127.0.0.1;proto=http;host=\"app.example\"\r\n"),
+        "{}",
+        seen[0][0]
+    );
+}
+
+#[tokio::test]
+async fn ambiguous_upstream_framing_is_a_502_not_a_second_message() {
+    for answer in [
+        &b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n\r\n"[..],
+        &b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!"[..],
+        &b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nxxxx"[..],
+        &b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n"[..],
+    ] {
+        let (up, _) = scripted(vec![answer]).await;
+        let p = common::start_sidecar("", up, None).await;
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        s.write_all(GET).await.unwrap();
+        let text = read_until(&mut s, |t| t.contains("x-denial-id") && t.contains("\r\n\r\n")).await;
+        assert!(text.starts_with("HTTP/1.1 502 "), "{text}");
+        assert_eq!(text.matches("HTTP/1.1").count(), 1, "{text}");
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_chunk_cuts_the_body_and_closes_the_connection() {
+    let answer: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi";
+    let (up, _) = scripted(vec![answer]).await;
+    let p = common::start_sidecar("", up, None).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    let text = read_to_close(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(text.contains("5\r\nhello\r\n"), "{text}");
+    assert!(!text.contains("zz"), "{text}");
+    assert_eq!(text.matches("HTTP/1.1").count(), 1, "{text}");
+}
+
+#[tokio::test]
+async fn a_body_until_close_is_relayed_and_the_client_connection_closed() {
+    let answer: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it";
+    let (up, _) = scripted(vec![answer]).await;
+    let p = common::start_sidecar("", up, None).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    let text = read_to_close(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("connection: close\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\nall of it"), "{text}");
+}
+
+#[tokio::test]
+async fn informational_responses_are_skipped_and_head_gets_no_body() {
+    let answer: &[u8] = b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n";
+    let (up, _) = scripted(vec![answer]).await;
+    let p = common::start_sidecar("", up, None).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"HEAD /a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let text = read_to_close(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("content-length: 5\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\n"), "{text}");
+    assert!(!text.contains("103"), "{text}");
+}
+
+#[tokio::test]
+async fn a_chunked_denial_is_explained_and_the_connection_goes_on() {
+    let denial: &[u8] = b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n6\r\nDenied\r\n0\r\n\r\n";
+    let ok: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let (up, seen) = scripted(vec![denial, ok]).await;
+    let p = common::start_sidecar("", up, None).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    let text = read_until(&mut s, |t| {
+        t.find("\r\n\r\n").is_some_and(|end| {
+            let len: usize = t[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(usize::MAX);
+            t.len() >= end + 4 + len
+        })
+    })
+    .await;
+    assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
+    assert!(text.contains("x-denial-id: "), "{text}");
+    assert!(
+        !text.contains("Denied"),
+        "the upstream body is never shown: {text}"
+    );
+    s.write_all(GET).await.unwrap();
+    let next = read_until(&mut s, |t| t.ends_with("ok")).await;
+    assert!(next.starts_with("HTTP/1.1 200 OK"), "{next}");
+    // The denial's body was read to its end: the connection was kept.
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+/// A request the lane does not take (here: one with a body) goes to hyper
+/// on the same connection, after the ones it served; pipelined bytes are
+/// not lost on the way.
+#[tokio::test]
+async fn the_connection_is_handed_to_hyper_at_a_request_boundary() {
+    let (up, _) = common::upstream::start().await;
+    let p = common::start_sidecar("", up, None).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let post = b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello";
+    let get = b"GET /echo-headers HTTP/1.1\r\nhost: x\r\n\r\n";
+    s.write_all(&[&get[..], &post[..], &get[..]].concat())
+        .await
+        .unwrap();
+    let text = read_until(&mut s, |t| {
+        t.matches("x-forwarded-for").count() >= 2 && t.contains("\"len\":5")
+    })
+    .await;
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 3, "{text}");
+    let upload = text.find("\"len\":5").unwrap();
+    let first_echo = text.find("x-forwarded-for").unwrap();
+    assert!(first_echo < upload, "answers out of order: {text}");
+}
