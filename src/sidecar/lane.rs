@@ -76,7 +76,15 @@ pub enum Outcome {
     Closed,
     /// The rest is hyper's: the connection and the bytes read from it that
     /// no exchange used (the start of the next request).
-    Hyper(TcpStream, BytesMut),
+    Hyper {
+        /// The connection.
+        stream: TcpStream,
+        /// Bytes read and not used.
+        read: BytesMut,
+        /// Whether the lane served requests on it first (it is then an
+        /// HTTP/1.1 connection: no switch to HTTP/2 mid-way).
+        served: bool,
+    },
 }
 
 /// The fast lane of one listener.
@@ -129,19 +137,31 @@ impl Lane {
             peer,
             limits: limits.clone(),
             registered,
+            started: Instant::now(),
         };
         let mut idle_since = Instant::now();
+        let mut served = false;
         loop {
             let head_due = idle_since + limits.header_read_timeout;
+            // Bytes already looked at: a head can only be complete once a
+            // line ends, so a client that trickles a head byte by byte does
+            // not make us parse it again for every byte.
+            let mut looked = 0;
             let plan = loop {
                 let config = self.config.load();
-                if !c.buf.is_empty() {
+                let line_ended = memchr::memchr(b'\n', &c.buf[looked..]).is_some();
+                looked = c.buf.len();
+                if line_ended {
                     c.out.clear();
                     match plan(&c.buf, &config, &c.limits, peer, &mut c.out) {
                         Parse::Complete(plan) => break (plan, config),
-                        Parse::Partial if c.buf.len() < c.limits.max_header_bytes => {}
-                        Parse::Partial | Parse::Other => return Outcome::Hyper(c.client, c.buf),
+                        Parse::Partial => {}
+                        Parse::Other => return c.into_hyper(served),
                     }
+                }
+                // Over the limit: hyper answers it (431 or 414).
+                if c.buf.len() >= c.limits.max_header_bytes {
+                    return c.into_hyper(served);
                 }
                 match c.read_client(head_due).await {
                     Ok(true) => {}
@@ -152,6 +172,7 @@ impl Lane {
             let (plan, config) = plan;
             conn.begin(false);
             let started = Instant::now();
+            c.started = started;
             let status = match self.exchange(&mut c, &plan, &config, started).await {
                 Ok(status) => status,
                 Err(status) => {
@@ -161,13 +182,14 @@ impl Lane {
                     return Outcome::Closed;
                 }
             };
-            super::server::record_request(status.code, started.elapsed());
+            super::server::record_request(status.code, status.took);
             if status.close {
                 let _ = tokio::time::timeout(limits.idle_timeout, c.client.shutdown()).await;
                 return Outcome::Closed;
             }
             c.buf.advance(plan.head_len);
             idle_since = Instant::now();
+            served = true;
         }
     }
 
@@ -191,7 +213,7 @@ impl Lane {
                 .await
             {
                 Ok(up) => up,
-                Err(f) => return self.failed(c, f, plan, None, close).await,
+                Err((f, why)) => return self.failed(c, f, plan, why, close).await,
             },
         };
         let write_due = Instant::now() + c.limits.idle_timeout;
@@ -205,7 +227,7 @@ impl Lane {
                     c,
                     Failure::Refused,
                     plan,
-                    Some("the request could not be written"),
+                    Some("the request could not be written".into()),
                     close,
                 )
                 .await;
@@ -222,7 +244,7 @@ impl Lane {
                 Head::Complete(head) => break head,
                 Head::Bad(why) => {
                     return self
-                        .failed(c, Failure::Refused, plan, Some(why), close)
+                        .failed(c, Failure::Refused, plan, Some(why.into()), close)
                         .await;
                 }
                 Head::Partial if up.buf.len() >= MAX_UPSTREAM_HEAD => {
@@ -231,7 +253,7 @@ impl Lane {
                             c,
                             Failure::Refused,
                             plan,
-                            Some("the response head is too large"),
+                            Some("the response head is too large".into()),
                             close,
                         )
                         .await;
@@ -248,7 +270,7 @@ impl Lane {
                             c,
                             Failure::Refused,
                             plan,
-                            Some("the upstream closed the connection"),
+                            Some("the upstream closed the connection".into()),
                             close,
                         )
                         .await;
@@ -264,6 +286,7 @@ impl Lane {
         write_response_head(&mut c.out, &up.buf[..head.len], &head, close);
         up.buf.advance(head.len);
         let status = head.status;
+        let took = started.elapsed();
         match relay_body(c, &mut up, head.framing).await {
             Ok(()) => {
                 if head.reusable && up.buf.is_empty() {
@@ -272,13 +295,14 @@ impl Lane {
                 Ok(Answered {
                     code: status,
                     close,
+                    took,
                 })
             }
             Err(()) => Err(Some(status)),
         }
     }
 
-    async fn connect(&self, due: Instant) -> Result<Upstream, Failure> {
+    async fn connect(&self, due: Instant) -> Result<Upstream, (Failure, Option<String>)> {
         let mut connector = self.connector.clone();
         let connect = connector.call(self.upstream.clone());
         match tokio::time::timeout_at(due, connect).await {
@@ -289,8 +313,19 @@ impl Lane {
                     buf: BytesMut::with_capacity(READ_SIZE),
                 })
             }
-            Ok(Err(e)) => Err(proxy::classify(&e)),
-            Err(_) => Err(Failure::Timeout),
+            Ok(Err(e)) => {
+                // The error and its causes, for the log line.
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                for _ in 0..8 {
+                    let Some(cause) = source else { break };
+                    text.push_str(": ");
+                    text.push_str(&cause.to_string());
+                    source = cause.source();
+                }
+                Err((proxy::classify(&e), Some(text)))
+            }
+            Err(_) => Err((Failure::Timeout, None)),
         }
     }
 
@@ -301,10 +336,10 @@ impl Lane {
         c: &mut Connection,
         f: Failure,
         plan: &Plan,
-        why: Option<&'static str>,
+        why: Option<String>,
         close: bool,
     ) -> Result<Answered, Option<u16>> {
-        let error = why.map(|w| io::Error::other(w));
+        let error = why.map(io::Error::other);
         let request = plan.rebuild(&c.buf);
         let accept = request
             .as_ref()
@@ -324,8 +359,9 @@ impl Lane {
                 .map(|e| e as &(dyn std::error::Error + 'static)),
         );
         let code = response.status().as_u16();
+        let took = c.started.elapsed();
         match write_response(c, response, plan.head, close).await {
-            Ok(()) => Ok(Answered { code, close }),
+            Ok(()) => Ok(Answered { code, close, took }),
             Err(()) => Err(Some(code)),
         }
     }
@@ -341,7 +377,17 @@ impl Lane {
         close: bool,
     ) -> Result<Answered, Option<u16>> {
         let Some(request) = plan.rebuild(&c.buf) else {
-            return Err(None);
+            // Not expected (the lane takes only heads it can read this way);
+            // never a silent close, and never the upstream's answer unseen.
+            return self
+                .failed(
+                    c,
+                    Failure::Refused,
+                    plan,
+                    Some("the request could not be read again".into()),
+                    close,
+                )
+                .await;
         };
         let Some(mut parts) = head.parts(&up.buf[..head.len]) else {
             return self
@@ -349,7 +395,7 @@ impl Lane {
                     c,
                     Failure::Refused,
                     plan,
-                    Some("the response head is not valid"),
+                    Some("the response head is not valid".into()),
                     close,
                 )
                 .await;
@@ -373,11 +419,16 @@ impl Lane {
         };
         let prepared = Prepared(Some(Response::from_parts(parts, body)));
         let mut service = self.layer.layer(prepared).with_client_addr(c.peer);
-        let response = match service.call(request).await {
-            Ok(response) => response,
-            Err(never) => match never {},
+        // The layer reads the body's first part: bounded by the response
+        // timeout (each read by the idle timeout) and by the grace period.
+        let due = Instant::now() + c.limits.upstream_response_timeout;
+        let response = match within(&mut c.timer, &c.registered, due, service.call(request)).await {
+            Some(Ok(response)) => response,
+            Some(Err(never)) => match never {},
+            None => return Err(None),
         };
         let code = response.status().as_u16();
+        let took = c.started.elapsed();
         let close = close || head.framing == Framing::UntilClose;
         let written = write_response(c, response, plan.head, close).await;
         if let Some(up) = returned
@@ -388,7 +439,7 @@ impl Lane {
             c.up = Some(up);
         }
         match written {
-            Ok(()) => Ok(Answered { code, close }),
+            Ok(()) => Ok(Answered { code, close, took }),
             Err(()) => Err(Some(code)),
         }
     }
@@ -402,6 +453,9 @@ const UPSTREAM_GAUGE: &str = "whydenied_upstream_connections";
 struct Answered {
     code: u16,
     close: bool,
+    /// Time to the response head (what the hyper path's request duration
+    /// measures).
+    took: Duration,
 }
 
 /// One client connection in the lane.
@@ -414,9 +468,19 @@ struct Connection {
     peer: SocketAddr,
     limits: Limits,
     registered: Registered,
+    /// When the current exchange began.
+    started: Instant,
 }
 
 impl Connection {
+    fn into_hyper(self, served: bool) -> Outcome {
+        Outcome::Hyper {
+            stream: self.client,
+            read: self.buf,
+            served,
+        }
+    }
+
     fn stopping(&self) -> bool {
         self.registered.is_stopped()
     }
@@ -566,10 +630,16 @@ fn plan(
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
         return Parse::Other;
     };
+    if head_len > limits.max_header_bytes {
+        return Parse::Other;
+    }
     if method == "CONNECT"
         || !path.starts_with('/')
         || path.len() > limits.max_uri_bytes
         || req.headers.len() > limits.max_headers
+        // Anything but the plain characters of a path and query (RFC 3986)
+        // is hyper's to accept or refuse: `<`, `"`, a fragment, ...
+        || !path.bytes().all(plain_target_byte)
     {
         return Parse::Other;
     }
@@ -582,7 +652,7 @@ fn plan(
     let trusted = config.is_trusted_proxy(ip);
     let identity = config.identity_header().map(HeaderName::as_str);
     let mut host: Option<&[u8]> = None;
-    let (mut hosts, mut authorizations, mut cookies) = (0, 0, 0);
+    let (mut hosts, mut authorizations, mut cookies, mut lengths) = (0, 0, 0, 0);
     let mut close = false;
     // From a trusted proxy, the chains we extend and whether it set these.
     let (mut forwarded_for, mut forwarded): (Vec<&[u8]>, Vec<&[u8]>) = (Vec::new(), Vec::new());
@@ -625,7 +695,8 @@ fn plan(
                 true
             }
             14 if is("content-length") => {
-                if h.value.trim_ascii() != b"0" {
+                lengths += 1;
+                if h.value.trim_ascii() != b"0" || lengths > 1 {
                     return Parse::Other;
                 }
                 true
@@ -635,7 +706,6 @@ fn plan(
             17 if is("transfer-encoding") => return Parse::Other,
             18 if is("proxy-authenticate") => false,
             19 if is("proxy-authorization") => false,
-            _ if identity.is_some_and(|id| is(id)) => trusted,
             _ if hop::is_client_claim_name(name) => {
                 if !trusted {
                     false
@@ -653,6 +723,9 @@ fn plan(
             }
             _ => true,
         };
+        // The identity header is a claim from anyone but a trusted proxy,
+        // whatever its name.
+        let keep = keep && (trusted || !identity.is_some_and(is));
         if keep {
             out.extend_from_slice(name);
             out.extend_from_slice(b": ");
@@ -695,6 +768,34 @@ fn plan(
         head: method == "HEAD",
         close,
     })
+}
+
+/// The bytes of a request target the lane forwards as they are: the
+/// unreserved and sub-delimiter characters, `:`, `@`, `/`, `?` and `%`.
+fn plain_target_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b':'
+                | b'@'
+                | b'/'
+                | b'?'
+                | b'%'
+        )
 }
 
 /// How a response body ends.
@@ -836,9 +937,9 @@ fn write_response_head(out: &mut Vec<u8>, bytes: &[u8], head: &ResponseHead, clo
     out.push(b' ');
     out.extend_from_slice(res.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    // Headers that `Connection` names are hop-by-hop too (at most 16 are
-    // honoured, as tokens of at most that many `Connection` values).
-    let mut named: [&[u8]; 16] = [&[]; 16];
+    // Headers that `Connection` names are hop-by-hop too (the first 32
+    // tokens, as on the hyper path).
+    let mut named: [&[u8]; 32] = [&[]; 32];
     let mut count = 0;
     for h in res.headers.iter() {
         if h.name.eq_ignore_ascii_case("connection") {
@@ -911,18 +1012,23 @@ async fn relay_body(c: &mut Connection, up: &mut Upstream, framing: Framing) -> 
     };
     loop {
         // What is buffered and belongs to this body goes out with the head.
+        // A chunked body is framed again as it passes (bare sizes, no
+        // extensions, no trailers: what hyper sends a client that did not
+        // ask for trailers).
         let take = match framing {
             Framing::None => 0,
             Framing::Length(_) => usize::try_from(left)
                 .unwrap_or(usize::MAX)
                 .min(up.buf.len()),
-            Framing::Chunked => match chunks.scan(&up.buf) {
-                Ok(n) => n,
-                Err(good) => {
+            Framing::Chunked => match chunks.step(&up.buf, Sink::Reframe(&mut c.out)) {
+                Ok(n) => {
+                    up.buf.advance(n);
+                    0
+                }
+                Err(_) => {
                     // Pass on what was good, then end the connection: the
                     // client sees a body cut short, never a new message.
-                    let mut out = std::mem::take(&mut c.out);
-                    out.extend_from_slice(&up.buf[..good]);
+                    let out = std::mem::take(&mut c.out);
                     let _ = c.write_client(&out).await;
                     return Err(());
                 }
@@ -997,14 +1103,10 @@ impl Chunks {
         self.state == ChunkState::Done
     }
 
-    /// How many bytes of `buf` belong to the body; `Err` with how many
-    /// came before the framing broke. Stops at the end of the body.
-    fn scan(&mut self, buf: &[u8]) -> Result<usize, usize> {
-        self.step(buf, None)
-    }
-
-    /// [`Chunks::scan`], also appending the chunks' data to `data`.
-    fn step(&mut self, buf: &[u8], mut data: Option<&mut BytesMut>) -> Result<usize, usize> {
+    /// Reads the framing in `buf`, giving what it carries to `sink`; how
+    /// many bytes of `buf` belong to the body, or `Err` with how many came
+    /// before the framing broke. Stops at the end of the body.
+    fn step(&mut self, buf: &[u8], mut sink: Sink<'_>) -> Result<usize, usize> {
         let mut i = 0;
         while i < buf.len() {
             let b = buf[i];
@@ -1036,6 +1138,10 @@ impl Chunks {
                     if self.size == 0 {
                         self.state = ChunkState::TrailerStart;
                     } else {
+                        if let Sink::Reframe(out) = &mut sink {
+                            push_hex(out, self.size);
+                            out.extend_from_slice(b"\r\n");
+                        }
                         self.state = ChunkState::Data;
                     }
                 }
@@ -1043,8 +1149,9 @@ impl Chunks {
                     let n = usize::try_from(self.size)
                         .unwrap_or(usize::MAX)
                         .min(buf.len() - i);
-                    if let Some(data) = data.as_deref_mut() {
-                        data.extend_from_slice(&buf[i..i + n]);
+                    match &mut sink {
+                        Sink::Data(data) => data.extend_from_slice(&buf[i..i + n]),
+                        Sink::Reframe(out) => out.extend_from_slice(&buf[i..i + n]),
                     }
                     self.size -= n as u64;
                     i += n;
@@ -1062,6 +1169,9 @@ impl Chunks {
                 ChunkState::DataLf => {
                     if b != b'\n' {
                         return Err(i);
+                    }
+                    if let Sink::Reframe(out) = &mut sink {
+                        out.extend_from_slice(b"\r\n");
                     }
                     self.state = ChunkState::Size;
                 }
@@ -1087,6 +1197,9 @@ impl Chunks {
                         return Err(i);
                     }
                     self.state = ChunkState::Done;
+                    if let Sink::Reframe(out) = &mut sink {
+                        out.extend_from_slice(b"0\r\n\r\n");
+                    }
                     return Ok(i + 1);
                 }
                 ChunkState::Done => return Ok(i),
@@ -1094,6 +1207,23 @@ impl Chunks {
             i += 1;
         }
         Ok(i)
+    }
+}
+
+/// Where a chunked body's content goes as its framing is read.
+enum Sink<'a> {
+    /// The data alone (for the explaining layer).
+    Data(&'a mut BytesMut),
+    /// The data framed again, for the client.
+    Reframe(&'a mut Vec<u8>),
+}
+
+/// A chunk size in hex.
+fn push_hex(out: &mut Vec<u8>, n: u64) {
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1);
+    for shift in (0..digits).rev() {
+        let d = ((n >> (shift * 4)) & 0xf) as u8;
+        out.push(if d < 10 { b'0' + d } else { b'a' + d - 10 });
     }
 }
 
@@ -1198,7 +1328,7 @@ impl Body for UpstreamBody {
                     // Decoded: the layer reads the data, not the framing.
                     Framing::Chunked => {
                         let mut data = BytesMut::new();
-                        match this.chunks.step(&up.buf, Some(&mut data)) {
+                        match this.chunks.step(&up.buf, Sink::Data(&mut data)) {
                             Ok(used) => up.buf.advance(used),
                             Err(_) => {
                                 this.up = None;
@@ -1333,11 +1463,13 @@ where
     }
     let mut body = std::pin::pin!(body);
     loop {
-        let frame = match body.frame().await {
-            None => break,
-            Some(Ok(frame)) => frame,
-            // The body failed part way: the client sees it cut short.
-            Some(Err(_)) => return Err(()),
+        let due = Instant::now() + c.limits.idle_timeout;
+        let frame = match within(&mut c.timer, &c.registered, due, body.frame()).await {
+            Some(None) => break,
+            Some(Some(Ok(frame))) => frame,
+            // The body failed part way, stalled, or the grace period is
+            // over: the client sees it cut short.
+            _ => return Err(()),
         };
         let Ok(data) = frame.into_data() else {
             continue;

@@ -130,7 +130,10 @@ impl Reloader {
 
     /// Watches for SIGHUP and file changes until the task is dropped.
     pub async fn run(self) {
-        let mut last = fingerprint(&self.path);
+        // None: the first look compares the file with the running config
+        // (a change between loading it and starting to watch is not
+        // missed; an unchanged file is not reloaded).
+        let mut last = None;
         #[cfg(unix)]
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut tick = tokio::time::interval(POLL);

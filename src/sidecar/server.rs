@@ -79,6 +79,8 @@ pub async fn serve<M, S, B>(
         .keep_alive_interval(Some(limits.idle_timeout))
         .keep_alive_timeout(Duration::from_secs(20))
         .max_concurrent_streams(Some(128));
+    // For connections the fast lane served first: HTTP/1.1 they are.
+    let builder_h1 = Arc::new(builder.clone().http1_only());
     let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let record = settings.record_metrics;
@@ -133,16 +135,25 @@ pub async fn serve<M, S, B>(
             })
         };
         let builder = builder.clone();
+        let builder_h1 = builder_h1.clone();
         let stopping = stopping.clone();
         let lane = lane.clone();
         let lane_limits = lane_limits.clone();
         tokio::spawn(async move {
-            let (stream, read) = match lane {
+            let (stream, read, builder) = match lane {
                 Some(lane) => match lane.serve(stream, peer, &state, &lane_limits).await {
                     Outcome::Closed => return,
-                    Outcome::Hyper(stream, read) => (stream, read.freeze()),
+                    Outcome::Hyper {
+                        stream,
+                        read,
+                        served,
+                    } => (
+                        stream,
+                        read.freeze(),
+                        if served { builder_h1 } else { builder },
+                    ),
                 },
-                None => (stream, Bytes::new()),
+                None => (stream, Bytes::new(), builder),
             };
             let io = Watched::new(TokioIo::new(Replay::new(stream, read)), state.clone());
             let conn = builder.serve_connection_with_upgrades(io, per_request);
