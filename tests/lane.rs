@@ -290,3 +290,62 @@ async fn headers_named_in_the_upstreams_connection_header_stop_at_the_proxy() {
     assert!(!text.to_ascii_lowercase().contains("keep-alive"), "{text}");
     assert!(!text.contains("t16"), "{text}");
 }
+
+/// A denial whose body arrives slowly is still explained: each read waits
+/// up to the idle timeout, as on the hyper path; the response timeout
+/// covers only the head.
+#[tokio::test]
+async fn a_slow_denial_body_is_explained() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        s.write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 6\r\n\r\nDen")
+            .await
+            .unwrap();
+        // Slower than the response timeout, quicker than the idle timeout.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let _ = s.write_all(b"ied").await;
+        let _ = s.read(&mut buf).await;
+    });
+    let p = common::start_sidecar(
+        "limits: { upstream_response_timeout: 200ms, idle_timeout: 10s }\n",
+        up,
+        None,
+    )
+    .await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\naccept: text/plain\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let text = read_to_close(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
+    assert!(text.contains("x-denial-id: "), "{text}");
+}
+
+/// hyper refuses targets over 65 534 bytes whatever `max_uri_bytes` says;
+/// the lane hands them over rather than forwarding them.
+#[tokio::test]
+async fn a_target_longer_than_hyper_takes_goes_to_hyper() {
+    let (up, _) = common::upstream::start().await;
+    let p = common::start_sidecar(
+        "limits: { max_uri_bytes: 100000, max_header_bytes: 200000 }\n",
+        up,
+        None,
+    )
+    .await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let request = format!(
+        "GET /{} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let text = read_to_close(&mut s).await;
+    assert!(
+        text.starts_with("HTTP/1.1 414"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+}

@@ -175,9 +175,9 @@ impl Lane {
             c.started = started;
             let status = match self.exchange(&mut c, &plan, &config, started).await {
                 Ok(status) => status,
-                Err(status) => {
-                    if let Some(status) = status {
-                        super::server::record_request(status, started.elapsed());
+                Err(answered) => {
+                    if let Some((status, took)) = answered {
+                        super::server::record_request(status, took);
                     }
                     return Outcome::Closed;
                 }
@@ -202,7 +202,7 @@ impl Lane {
         plan: &Plan,
         config: &Arc<Config>,
         started: Instant,
-    ) -> Result<Answered, Option<u16>> {
+    ) -> Result<Answered, Option<(u16, Duration)>> {
         let close = plan.close || c.stopping();
         // The kept upstream connection, if the upstream has not closed it.
         let kept = c.up.take().filter(Upstream::open);
@@ -298,7 +298,7 @@ impl Lane {
                     took,
                 })
             }
-            Err(()) => Err(Some(status)),
+            Err(()) => Err(Some((status, took))),
         }
     }
 
@@ -338,7 +338,7 @@ impl Lane {
         plan: &Plan,
         why: Option<String>,
         close: bool,
-    ) -> Result<Answered, Option<u16>> {
+    ) -> Result<Answered, Option<(u16, Duration)>> {
         let error = why.map(io::Error::other);
         let request = plan.rebuild(&c.buf);
         let accept = request
@@ -362,7 +362,7 @@ impl Lane {
         let took = c.started.elapsed();
         match write_response(c, response, plan.head, close).await {
             Ok(()) => Ok(Answered { code, close, took }),
-            Err(()) => Err(Some(code)),
+            Err(()) => Err(Some((code, took))),
         }
     }
 
@@ -375,9 +375,9 @@ impl Lane {
         head: ResponseHead,
         mut up: Upstream,
         close: bool,
-    ) -> Result<Answered, Option<u16>> {
+    ) -> Result<Answered, Option<(u16, Duration)>> {
         let Some(request) = plan.rebuild(&c.buf) else {
-            // Not expected (the lane takes only heads it can read this way);
+            // Not expected (the lane takes only heads `http` can hold);
             // never a silent close, and never the upstream's answer unseen.
             return self
                 .failed(
@@ -419,9 +419,10 @@ impl Lane {
         };
         let prepared = Prepared(Some(Response::from_parts(parts, body)));
         let mut service = self.layer.layer(prepared).with_client_addr(c.peer);
-        // The layer reads the body's first part: bounded by the response
-        // timeout (each read by the idle timeout) and by the grace period.
-        let due = Instant::now() + c.limits.upstream_response_timeout;
+        // The layer reads the body's first part: each read is bounded by the
+        // idle timeout (in `UpstreamBody`), as on the hyper path; here only
+        // the end of the grace period is added.
+        let due = Instant::now() + Duration::from_secs(86_400);
         let response = match within(&mut c.timer, &c.registered, due, service.call(request)).await {
             Some(Ok(response)) => response,
             Some(Err(never)) => match never {},
@@ -440,7 +441,7 @@ impl Lane {
         }
         match written {
             Ok(()) => Ok(Answered { code, close, took }),
-            Err(()) => Err(Some(code)),
+            Err(()) => Err(Some((code, took))),
         }
     }
 }
@@ -635,7 +636,8 @@ fn plan(
     }
     if method == "CONNECT"
         || !path.starts_with('/')
-        || path.len() > limits.max_uri_bytes
+        // hyper refuses targets over 65 534 bytes (414), whatever the limit.
+        || path.len() > limits.max_uri_bytes.min(65_534)
         || req.headers.len() > limits.max_headers
         // Anything but the plain characters of a path and query (RFC 3986)
         // is hyper's to accept or refuse: `<`, `"`, a fragment, ...
@@ -664,6 +666,10 @@ fn plan(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
+        if name.len() > 65_535 {
+            // Longer than `http` allows a header name: hyper's to refuse.
+            return Parse::Other;
+        }
         let is = |word: &str| name.eq_ignore_ascii_case(word.as_bytes());
         let keep = match name.len() {
             2 if is("te") => return Parse::Other,
@@ -941,11 +947,17 @@ fn write_response_head(out: &mut Vec<u8>, bytes: &[u8], head: &ResponseHead, clo
     // tokens, as on the hyper path).
     let mut named: [&[u8]; 32] = [&[]; 32];
     let mut count = 0;
+    // Counted as `hop::strip_hop_by_hop` counts them: values that are not
+    // visible ASCII are skipped, every piece between commas counts.
     for h in res.headers.iter() {
-        if h.name.eq_ignore_ascii_case("connection") {
-            for token in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                if !token.is_empty() && count < named.len() {
-                    named[count] = token;
+        if h.name.eq_ignore_ascii_case("connection")
+            && h.value
+                .iter()
+                .all(|b| *b == b'\t' || (0x20..0x7f).contains(b))
+        {
+            for token in h.value.split(|b| *b == b',') {
+                if count < named.len() {
+                    named[count] = token.trim_ascii();
                     count += 1;
                 }
             }
@@ -1079,13 +1091,20 @@ async fn relay_body(c: &mut Connection, up: &mut Upstream, framing: Framing) -> 
 struct Chunks {
     state: ChunkState,
     size: u64,
-    digits: u8,
+    /// Hex digits of the current size (leading zeros included).
+    digits: u32,
+    /// Bytes of the current extension or trailer line.
+    line: usize,
 }
+
+/// Longest chunk extension or trailer line (hyper's limit).
+const MAX_CHUNK_LINE: usize = 16 * 1024;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
     #[default]
     Size,
+    SizeSpace,
     Extension,
     SizeLf,
     Data,
@@ -1114,27 +1133,43 @@ impl Chunks {
                 ChunkState::Size => match b {
                     b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
                         self.digits += 1;
-                        if self.digits > 15 {
-                            return Err(i);
-                        }
                         let d = (b as char).to_digit(16).ok_or(i)?;
-                        self.size = self.size * 16 + u64::from(d);
+                        // Leading zeros are fine; a size past u64 is not.
+                        self.size = self
+                            .size
+                            .checked_mul(16)
+                            .and_then(|n| n.checked_add(u64::from(d)))
+                            .ok_or(i)?;
                     }
-                    b';' | b' ' | b'\t' if self.digits > 0 => self.state = ChunkState::Extension,
+                    b' ' | b'\t' if self.digits > 0 => self.state = ChunkState::SizeSpace,
+                    b';' if self.digits > 0 => self.state = ChunkState::Extension,
                     b'\r' if self.digits > 0 => self.state = ChunkState::SizeLf,
+                    _ => return Err(i),
+                },
+                // After the size only blanks, then `;` or the line's end.
+                ChunkState::SizeSpace => match b {
+                    b' ' | b'\t' => {}
+                    b';' => self.state = ChunkState::Extension,
+                    b'\r' => self.state = ChunkState::SizeLf,
                     _ => return Err(i),
                 },
                 ChunkState::Extension => match b {
                     b'\r' => self.state = ChunkState::SizeLf,
                     b'\n' => return Err(i),
                     0..=8 | 10..=31 | 127 => return Err(i),
-                    _ => {}
+                    _ => {
+                        self.line += 1;
+                        if self.line > MAX_CHUNK_LINE {
+                            return Err(i);
+                        }
+                    }
                 },
                 ChunkState::SizeLf => {
                     if b != b'\n' {
                         return Err(i);
                     }
                     self.digits = 0;
+                    self.line = 0;
                     if self.size == 0 {
                         self.state = ChunkState::TrailerStart;
                     } else {
@@ -1184,12 +1219,18 @@ impl Chunks {
                     b'\r' => self.state = ChunkState::TrailerLf,
                     b'\n' => return Err(i),
                     0..=8 | 10..=31 | 127 => return Err(i),
-                    _ => {}
+                    _ => {
+                        self.line += 1;
+                        if self.line > MAX_CHUNK_LINE {
+                            return Err(i);
+                        }
+                    }
                 },
                 ChunkState::TrailerLf => {
                     if b != b'\n' {
                         return Err(i);
                     }
+                    self.line = 0;
                     self.state = ChunkState::TrailerStart;
                 }
                 ChunkState::EndLf => {
@@ -1490,4 +1531,63 @@ where
         c.write_client(b"0\r\n\r\n").await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `body` to a scanner in pieces of `step` bytes; the client's
+    /// bytes, or `None` if the framing broke.
+    fn reframe(body: &[u8], step: usize) -> Option<Vec<u8>> {
+        let mut chunks = Chunks::default();
+        let mut out = Vec::new();
+        let mut pending: Vec<u8> = Vec::new();
+        for piece in body.chunks(step) {
+            pending.extend_from_slice(piece);
+            let used = chunks.step(&pending, Sink::Reframe(&mut out)).ok()?;
+            pending.drain(..used);
+            if chunks.done() {
+                break;
+            }
+        }
+        chunks.done().then_some(out)
+    }
+
+    #[test]
+    fn chunked_bodies_are_framed_again_however_they_arrive() {
+        let body = b"0004;a=b\r\nwiki\r\n5 \t;x\r\npedia\r\n0\r\nx-t: 1\r\n\r\n";
+        for step in 1..body.len() {
+            assert_eq!(
+                reframe(body, step).as_deref(),
+                Some(&b"4\r\nwiki\r\n5\r\npedia\r\n0\r\n\r\n"[..]),
+                "step {step}"
+            );
+        }
+        // Junk after a size, a size past u64, a bare LF, an overlong
+        // extension: refused.
+        let long = format!("1;{}\r\nx\r\n0\r\n\r\n", "e".repeat(MAX_CHUNK_LINE + 1));
+        for bad in [
+            &b"5 junk\r\nhello\r\n0\r\n\r\n"[..],
+            b"11111111111111111\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            long.as_bytes(),
+        ] {
+            assert_eq!(
+                reframe(bad, bad.len()),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn hex_sizes_are_written_bare() {
+        for n in [1u64, 9, 10, 15, 16, 255, 4096, u64::MAX] {
+            let mut out = Vec::new();
+            push_hex(&mut out, n);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{n:x}"));
+        }
+    }
 }
