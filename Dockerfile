@@ -25,6 +25,10 @@ FROM rust:1-slim-bookworm AS builder
 
 WORKDIR /src
 
+# The stub step below pipes awk into a loop: a failing awk must fail the
+# build (hadolint DL4006).
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
 # 1. Dependencies only. Stub targets let cargo resolve and compile every
 #    dependency of the binary; this layer is rebuilt only when Cargo.toml or
 #    Cargo.lock change. cargo refuses to build a package whose declared
