@@ -85,6 +85,30 @@ async fn read_until(s: &mut TcpStream, done: impl Fn(&str) -> bool) -> String {
     String::from_utf8_lossy(&all).into_owned()
 }
 
+/// Whether `t` holds a whole response with a `content-length` body.
+fn whole_response(t: &str) -> bool {
+    t.find("\r\n\r\n").is_some_and(|end| {
+        let len: usize = t[..end]
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(usize::MAX);
+        t.len() >= end + 4 + len
+    })
+}
+
+/// What a client gets for `HEAD /a` through the sidecar when the upstream
+/// answers `answer`.
+async fn head_through(answer: &'static [u8]) -> String {
+    let (up, _) = scripted(vec![answer]).await;
+    let p = common::start_sidecar("", up, None).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(b"HEAD /a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    read_to_close(&mut s).await
+}
+
 const GET: &[u8] = b"GET /a HTTP/1.1\r\nhost: app.example\r\naccept: text/plain\r\n\r\n";
 
 /// A chunked body is framed again on the way (bare sizes, no extensions,
@@ -207,13 +231,7 @@ async fn a_body_until_close_is_relayed_and_the_client_connection_closed() {
 #[tokio::test]
 async fn informational_responses_are_skipped_and_head_gets_no_body() {
     let answer: &[u8] = b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n";
-    let (up, _) = scripted(vec![answer]).await;
-    let p = common::start_sidecar("", up, None).await;
-    let mut s = TcpStream::connect(p.addr).await.unwrap();
-    s.write_all(b"HEAD /a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let text = read_to_close(&mut s).await;
+    let text = head_through(answer).await;
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
     assert!(text.contains("content-length: 5\r\n"), "{text}");
     assert!(text.ends_with("\r\n\r\n"), "{text}");
@@ -228,17 +246,7 @@ async fn a_chunked_denial_is_explained_and_the_connection_goes_on() {
     let p = common::start_sidecar("", up, None).await;
     let mut s = TcpStream::connect(p.addr).await.unwrap();
     s.write_all(GET).await.unwrap();
-    let text = read_until(&mut s, |t| {
-        t.find("\r\n\r\n").is_some_and(|end| {
-            let len: usize = t[..end]
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(usize::MAX);
-            t.len() >= end + 4 + len
-        })
-    })
-    .await;
+    let text = read_until(&mut s, whole_response).await;
     assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
     assert!(text.contains("x-denial-id: "), "{text}");
     assert!(
@@ -348,4 +356,75 @@ async fn a_target_longer_than_hyper_takes_goes_to_hyper() {
         "{}",
         &text[..text.len().min(200)]
     );
+}
+
+/// A stop while the upstream is answering makes that response the last
+/// one: it says `connection: close`, as hyper's does.
+#[tokio::test]
+async fn a_stop_during_an_exchange_closes_after_its_response() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (arrived2, release2) = (arrived.clone(), release.clone());
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        arrived2.notify_one();
+        release2.notified().await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+        let _ = s.read(&mut buf).await;
+    });
+    let p = common::start_sidecar("", up, None).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    tokio::time::timeout(GUARD, arrived.notified())
+        .await
+        .unwrap();
+    let stopping = tokio::spawn(p.shutdown());
+    // The stop has begun once the listener no longer accepts.
+    tokio::time::timeout(GUARD, async {
+        while TcpStream::connect(p_addr_of(&s)).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    release.notify_one();
+    let text = read_to_close(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("connection: close\r\n"), "{text}");
+    tokio::time::timeout(GUARD, stopping)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+fn p_addr_of(s: &TcpStream) -> SocketAddr {
+    s.peer_addr().unwrap()
+}
+
+/// An explained denial is framed by whydenied, whatever the upstream's
+/// framing: a denial whose body ran until the upstream closed leaves the
+/// client connection open. A HEAD answered with a denial already explained
+/// upstream keeps that response's own `Content-Length`.
+#[tokio::test]
+async fn explained_answers_keep_the_connection_and_head_keeps_its_length() {
+    let denial: &[u8] = b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\n\r\nDenied";
+    let (up, _) = scripted(vec![denial]).await;
+    let p = common::start_sidecar("", up, None).await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    s.write_all(GET).await.unwrap();
+    let text = read_until(&mut s, whole_response).await;
+    assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
+    assert!(!text.contains("connection: close"), "{text}");
+
+    let explained: &[u8] =
+        b"HTTP/1.1 403 Forbidden\r\nx-denial-id: AAAAAAAAAAAAAAAAAAAAAA\r\ncontent-length: 1234\r\n\r\n";
+    let text = head_through(explained).await;
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    assert!(text.contains("content-length: 1234\r\n"), "{text}");
 }

@@ -447,6 +447,11 @@ impl Registered {
         self.stopping.stopped.load(Relaxed)
     }
 
+    /// Whether the grace period is over.
+    pub fn is_aborted(&self) -> bool {
+        self.stopping.aborted.load(Relaxed)
+    }
+
     /// Ready once the grace period is over.
     pub fn aborted(&self) -> impl Future<Output = ()> + '_ {
         raised(&self.stopping.aborted)

@@ -9,9 +9,13 @@
 //! (`httparse`), writes the upstream request head straight from the bytes it
 //! read (with the same header hygiene and forwarding headers as
 //! [`super::proxy`]), and relays the response head and body as bytes, with
-//! its framing checked. Nothing is allocated per request.
+//! its framing checked. Nothing is allocated per request (only a `Date`
+//! header for an upstream that sends none, and a trusted proxy's chains of
+//! forwarding headers, allocate).
 //!
-//! It takes only what it can do exactly as the hyper path does, and hands
+//! It takes only what it can do as the hyper path does (one difference: a
+//! response whose body runs until the upstream closes ends the client
+//! connection too, where hyper would frame it as chunked), and hands
 //! everything else to it, at a request boundary, with the bytes it has read
 //! ([`Outcome::Hyper`]): HTTP/1.0, HTTP/2 (prior knowledge or `h2c`),
 //! upgrades, `Expect`, any request body or `Transfer-Encoding`, absolute-form
@@ -33,7 +37,8 @@
 //! `header_read_timeout` (of accept, or of the previous response), the
 //! upstream's response head within `upstream_response_timeout`, and no read
 //! or write waiting longer than `idle_timeout`. They share one timer per
-//! connection, moved only when it fires early, so a request costs no timer
+//! connection, moved only when it fires before the current deadline or a
+//! deadline comes earlier than it, so a request usually costs no timer
 //! operation.
 
 use std::convert::Infallible;
@@ -208,10 +213,11 @@ impl Lane {
         let kept = c.up.take().filter(Upstream::open);
         let mut up = match kept {
             Some(up) => up,
-            None => match self
-                .connect(started + c.limits.upstream_connect_timeout)
-                .await
-            {
+            None => match tokio::select! {
+                biased;
+                () = c.registered.aborted() => return Err(None),
+                up = self.connect(started + c.limits.upstream_connect_timeout) => up,
+            } {
                 Ok(up) => up,
                 Err((f, why)) => return self.failed(c, f, plan, why, close).await,
             },
@@ -236,7 +242,7 @@ impl Lane {
         // client does).
         let head_due = started + c.limits.upstream_response_timeout;
         let head = loop {
-            match response_head(&up.buf, plan.head) {
+            match response_head(&up.buf, plan.is_head_method) {
                 Head::Complete(head) if head.status < 200 => {
                     up.buf.advance(head.len);
                     continue;
@@ -281,7 +287,8 @@ impl Lane {
         if config.intercepts(head_status(&head)) {
             return self.explain(c, plan, head, up, close).await;
         }
-        let close = close || head.framing == Framing::UntilClose;
+        // A stop while the upstream answered: this is the last response.
+        let close = close || c.stopping() || head.framing == Framing::UntilClose;
         c.out.clear();
         write_response_head(&mut c.out, &up.buf[..head.len], &head, close);
         up.buf.advance(head.len);
@@ -339,6 +346,12 @@ impl Lane {
         why: Option<String>,
         close: bool,
     ) -> Result<Answered, Option<(u16, Duration)>> {
+        // The grace period ended the wait: not the upstream's failure, and
+        // nothing is answered (as on the hyper path).
+        if c.registered.is_aborted() {
+            return Err(None);
+        }
+        let close = close || c.stopping();
         let error = why.map(io::Error::other);
         let request = plan.rebuild(&c.buf);
         let accept = request
@@ -352,7 +365,7 @@ impl Lane {
         let response = proxy::failure(
             f,
             accept,
-            plan.head,
+            plan.is_head_method,
             &authority,
             error
                 .as_ref()
@@ -360,7 +373,7 @@ impl Lane {
         );
         let code = response.status().as_u16();
         let took = c.started.elapsed();
-        match write_response(c, response, plan.head, close).await {
+        match write_response(c, response, plan.is_head_method, close).await {
             Ok(()) => Ok(Answered { code, close, took }),
             Err(()) => Err(Some((code, took))),
         }
@@ -430,8 +443,9 @@ impl Lane {
         };
         let code = response.status().as_u16();
         let took = c.started.elapsed();
-        let close = close || head.framing == Framing::UntilClose;
-        let written = write_response(c, response, plan.head, close).await;
+        // The answer is framed here, whatever the upstream's framing was.
+        let close = close || c.stopping();
+        let written = write_response(c, response, plan.is_head_method, close).await;
         if let Some(up) = returned
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -579,7 +593,7 @@ impl Drop for Upstream {
 /// What a request head said, kept for its exchange.
 struct Plan {
     head_len: usize,
-    head: bool,
+    is_head_method: bool,
     close: bool,
 }
 
@@ -771,7 +785,7 @@ fn plan(
     out.extend_from_slice(b"\r\n\r\n");
     Parse::Complete(Plan {
         head_len,
-        head: method == "HEAD",
+        is_head_method: method == "HEAD",
         close,
     })
 }
@@ -872,8 +886,11 @@ fn response_head(buf: &[u8], request_was_head: bool) -> Head {
     let (Some(status), Some(version)) = (res.code, res.version) else {
         return Head::Bad("the response head is not valid HTTP/1.1");
     };
-    if status == 101 || !(100..=599).contains(&status) {
+    if status == 101 {
         return Head::Bad("the upstream switched protocols unasked");
+    }
+    if !(100..=599).contains(&status) {
+        return Head::Bad("the upstream answered a status outside 100-599");
     }
     let mut length: Option<u64> = None;
     let mut lengths = 0;
@@ -1091,7 +1108,8 @@ async fn relay_body(c: &mut Connection, up: &mut Upstream, framing: Framing) -> 
 struct Chunks {
     state: ChunkState,
     size: u64,
-    /// Hex digits of the current size (leading zeros included).
+    /// Hex digits read of the current size (leading zeros included): at
+    /// least one must come before the line goes on.
     digits: u32,
     /// Bytes of the current extension or trailer line.
     line: usize,
@@ -1460,8 +1478,12 @@ where
     }
     out.extend_from_slice(b"\r\n");
     let exact = body.size_hint().exact();
+    // A response to HEAD, or a 304, says the length of the body it does not
+    // carry: its own `Content-Length` is kept.
+    let own_length = (head_request || parts.status == StatusCode::NOT_MODIFIED)
+        && parts.headers.contains_key(header::CONTENT_LENGTH);
     for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH
+        if (name == header::CONTENT_LENGTH && !own_length)
             || name == header::TRANSFER_ENCODING
             || name == header::CONNECTION
         {
@@ -1479,7 +1501,7 @@ where
         || parts.status == StatusCode::NO_CONTENT
         || parts.status == StatusCode::NOT_MODIFIED;
     let chunked = match exact {
-        _ if bodiless_status => false,
+        _ if bodiless_status || own_length => false,
         Some(n) => {
             out.extend_from_slice(b"content-length: ");
             out.extend_from_slice(n.to_string().as_bytes());
