@@ -183,22 +183,36 @@ async fn a_client_that_stops_reading_is_dropped_at_the_idle_timeout() {
     closed_by_server(&mut client).await;
 }
 
+/// A GET over a new HTTP/2 (prior knowledge) connection: the response head,
+/// the request handle (kept by the caller: dropping it lets the client
+/// close the connection itself) and the task driving the connection.
+async fn h2_get(
+    addr: SocketAddr,
+    path: &str,
+) -> (
+    http::Response<hyper::body::Incoming>,
+    hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = Request::get(format!("http://{addr}{path}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    (send.send_request(req).await.unwrap(), send, conn)
+}
+
 /// An HTTP/2 connection answers keep-alive pings on its own, so it stayed up
 /// with no streams for ever; after the idle timeout it is sent away.
 #[tokio::test]
 async fn an_idle_http2_connection_is_sent_away_after_the_idle_timeout() {
     let (up, _) = upstream::start().await;
     let p = common::start_sidecar("limits: { idle_timeout: 300ms }\n", up, None).await;
-    let stream = TcpStream::connect(p.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
-    let req = Request::get(format!("http://{}/", p.addr))
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let res = send.send_request(req).await.unwrap();
+    let (res, _send, conn) = h2_get(p.addr, "/").await;
     assert_eq!(res.status(), 200);
     drop(res);
     let ended = tokio::time::timeout(GUARD, conn)
@@ -217,17 +231,8 @@ async fn an_idle_http2_connection_is_sent_away_after_the_idle_timeout() {
 async fn an_http2_response_the_client_never_reads_is_dropped() {
     let (up, state) = upstream::start().await;
     let p = common::start_sidecar("limits: { idle_timeout: 300ms }\n", up, None).await;
-    let stream = TcpStream::connect(p.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
-    let req = Request::get(format!("http://{}/endless", p.addr))
-        .body(Empty::<Bytes>::new())
-        .unwrap();
     // The response is never read: the client's window fills and stays full.
-    let _unread = send.send_request(req).await.unwrap();
+    let (_unread, _send, conn) = h2_get(p.addr, "/endless").await;
     tokio::time::timeout(GUARD, state.endless_dropped.notified())
         .await
         .expect("the stalled stream kept its upstream body");

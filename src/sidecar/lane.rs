@@ -242,7 +242,13 @@ impl Lane {
         // client does).
         let head_due = started + c.limits.upstream_response_timeout;
         let head = loop {
-            match response_head(&up.buf, plan.is_head_method) {
+            // A stop while the upstream answered: this is the last response.
+            let last = close || c.stopping();
+            let relay = |status, framing| {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+                (!config.intercepts(status)).then_some(last || framing == Framing::UntilClose)
+            };
+            match response_head(&up.buf, plan.is_head_method, &mut c.out, relay) {
                 Head::Complete(head) if head.status < 200 => {
                     up.buf.advance(head.len);
                     continue;
@@ -284,13 +290,9 @@ impl Lane {
                 Some(Ok(_)) => {}
             }
         };
-        if config.intercepts(head_status(&head)) {
+        let Some(close) = head.relayed else {
             return self.explain(c, plan, head, up, close).await;
-        }
-        // A stop while the upstream answered: this is the last response.
-        let close = close || c.stopping() || head.framing == Framing::UntilClose;
-        c.out.clear();
-        write_response_head(&mut c.out, &up.buf[..head.len], &head, close);
+        };
         up.buf.advance(head.len);
         let status = head.status;
         let took = started.elapsed();
@@ -320,18 +322,8 @@ impl Lane {
                     buf: BytesMut::with_capacity(READ_SIZE),
                 })
             }
-            Ok(Err(e)) => {
-                // The error and its causes, for the log line.
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                for _ in 0..8 {
-                    let Some(cause) = source else { break };
-                    text.push_str(": ");
-                    text.push_str(&cause.to_string());
-                    source = cause.source();
-                }
-                Err((proxy::classify(&e), Some(text)))
-            }
+            // The error and its causes, for the log line.
+            Ok(Err(e)) => Err((proxy::classify(&e), Some(proxy::ErrorChain(&e).to_string()))),
             Err(_) => Err((Failure::Timeout, None)),
         }
     }
@@ -836,10 +828,9 @@ struct ResponseHead {
     framing: Framing,
     /// The upstream keeps the connection open after this response.
     reusable: bool,
-}
-
-fn head_status(head: &ResponseHead) -> StatusCode {
-    StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY)
+    /// `Some(close)` when the client's head was written (relayed, not
+    /// explained), saying whether it ends the connection.
+    relayed: Option<bool>,
 }
 
 impl ResponseHead {
@@ -875,7 +866,16 @@ enum Head {
 
 /// Parses an upstream response head and decides how its body is framed
 /// (RFC 9112 §6.3), refusing what could be read two ways.
-fn response_head(buf: &[u8], request_was_head: bool) -> Head {
+///
+/// For a final response, `relay(status, framing)` says whether it is relayed
+/// as it is (`Some(close)`: the client's head is then written to `out`,
+/// from this one parse) or not (`None`: intercepted, for the layer).
+fn response_head(
+    buf: &[u8],
+    request_was_head: bool,
+    out: &mut Vec<u8>,
+    relay: impl FnOnce(u16, Framing) -> Option<bool>,
+) -> Head {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut headers);
     let len = match res.parse(buf) {
@@ -938,11 +938,21 @@ fn response_head(buf: &[u8], request_was_head: bool) -> Head {
     } else {
         Framing::UntilClose
     };
+    let relayed = if status < 200 {
+        None
+    } else {
+        relay(status, framing)
+    };
+    if let Some(close) = relayed {
+        out.clear();
+        write_response_head(out, &res, status, framing, close);
+    }
     Head::Complete(ResponseHead {
         len,
         status,
         framing,
         reusable: !close && framing != Framing::UntilClose,
+        relayed,
     })
 }
 
@@ -950,13 +960,15 @@ fn response_head(buf: &[u8], request_was_head: bool) -> Head {
 /// headers, without hop-by-hop ones (and those `Connection` names), with
 /// `Transfer-Encoding: chunked` kept as the framing the bytes carry, and
 /// `Connection: close` when the connection ends after it.
-fn write_response_head(out: &mut Vec<u8>, bytes: &[u8], head: &ResponseHead, close: bool) {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut res = httparse::Response::new(&mut headers);
-    // Parsed before: it parses the same way again.
-    let _ = res.parse(bytes);
+fn write_response_head(
+    out: &mut Vec<u8>,
+    res: &httparse::Response<'_, '_>,
+    status: u16,
+    framing: Framing,
+    close: bool,
+) {
     out.extend_from_slice(b"HTTP/1.1 ");
-    push_status(out, head.status);
+    push_status(out, status);
     out.push(b' ');
     out.extend_from_slice(res.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -1003,7 +1015,7 @@ fn write_response_head(out: &mut Vec<u8>, bytes: &[u8], head: &ResponseHead, clo
         out.extend_from_slice(h.value);
         out.extend_from_slice(b"\r\n");
     }
-    if head.framing == Framing::Chunked {
+    if framing == Framing::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     if !dated {
@@ -1140,6 +1152,23 @@ impl Chunks {
         self.state == ChunkState::Done
     }
 
+    /// One byte of an extension or trailer line (skipped, not relayed): the
+    /// line ends at CR (then `next`), holds no other control character, and
+    /// is at most [`MAX_CHUNK_LINE`] long.
+    fn line_byte(&mut self, b: u8, next: ChunkState) -> Result<(), ()> {
+        match b {
+            b'\r' => self.state = next,
+            0..=8 | 10..=31 | 127 => return Err(()),
+            _ => {
+                self.line += 1;
+                if self.line > MAX_CHUNK_LINE {
+                    return Err(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads the framing in `buf`, giving what it carries to `sink`; how
     /// many bytes of `buf` belong to the body, or `Err` with how many came
     /// before the framing broke. Stops at the end of the body.
@@ -1171,17 +1200,7 @@ impl Chunks {
                     b'\r' => self.state = ChunkState::SizeLf,
                     _ => return Err(i),
                 },
-                ChunkState::Extension => match b {
-                    b'\r' => self.state = ChunkState::SizeLf,
-                    b'\n' => return Err(i),
-                    0..=8 | 10..=31 | 127 => return Err(i),
-                    _ => {
-                        self.line += 1;
-                        if self.line > MAX_CHUNK_LINE {
-                            return Err(i);
-                        }
-                    }
-                },
+                ChunkState::Extension => self.line_byte(b, ChunkState::SizeLf).map_err(|()| i)?,
                 ChunkState::SizeLf => {
                     if b != b'\n' {
                         return Err(i);
@@ -1233,17 +1252,9 @@ impl Chunks {
                     0..=8 | 10..=31 | 127 => return Err(i),
                     _ => self.state = ChunkState::TrailerLine,
                 },
-                ChunkState::TrailerLine => match b {
-                    b'\r' => self.state = ChunkState::TrailerLf,
-                    b'\n' => return Err(i),
-                    0..=8 | 10..=31 | 127 => return Err(i),
-                    _ => {
-                        self.line += 1;
-                        if self.line > MAX_CHUNK_LINE {
-                            return Err(i);
-                        }
-                    }
-                },
+                ChunkState::TrailerLine => {
+                    self.line_byte(b, ChunkState::TrailerLf).map_err(|()| i)?
+                }
                 ChunkState::TrailerLf => {
                     if b != b'\n' {
                         return Err(i);

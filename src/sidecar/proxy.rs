@@ -700,7 +700,7 @@ pub(super) fn failure(
 }
 
 /// An error and its sources, as one line (`a: b: c`).
-struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+pub(super) struct ErrorChain<'a>(pub(super) &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
